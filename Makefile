@@ -1,0 +1,34 @@
+# gkd_d2: `make demo` runs the main job, `make test` runs the test suite. Both set up everything
+# they need first (a virtualenv in .venv/, the pinned stack, patched detectron2, this package);
+# the set-up is skipped when its inputs have not changed since the last run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gkd_d2-installed
+
+.PHONY: install demo test lint clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml tools/install_detectron2.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# pip >= 26.3 refuses to download the detectron2 sdist (its extra `all` names a URL)
+	$(PY) -m pip install -q 'pip>=23.2,<26.3'
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+demo: install
+	$(PY) tools/demo.py
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)
