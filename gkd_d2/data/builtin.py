@@ -1,0 +1,66 @@
+"""Registration of the embedded scene dataset with detectron2 (done on ``import gkd_d2``).
+
+Registered names: ``gkd_scenes_train`` and ``gkd_scenes_val`` (and ``gkd_scenes_tiny_train`` /
+``gkd_scenes_tiny_val``, small splits for tests). The images are generated on first use under
+``$DETECTRON2_DATASETS/gkd_scenes/`` (default ``./datasets/gkd_scenes``, detectron2's own
+convention) and reused afterwards; registering costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+from .scenes import SHAPE_CLASSES, SceneSpec, generate_split, spec_key
+
+# name -> (split, spec, seed). Train and val use different splits, so different per-image RNGs.
+EMBEDDED_SPLITS: dict[str, tuple[str, SceneSpec, int]] = {
+    "gkd_scenes_train": ("train", SceneSpec(num_images=2000), 0),
+    "gkd_scenes_val": ("val", SceneSpec(num_images=300), 0),
+    "gkd_scenes_tiny_train": ("train", SceneSpec(num_images=32, image_size=128), 0),
+    "gkd_scenes_tiny_val": ("val", SceneSpec(num_images=16, image_size=128), 0),
+}
+# Extra per-box fields kept in the detectron2 dicts (for per-subset evaluation).
+EXTRA_KEYS = ["visible_fraction", "occluded", "blurred"]
+
+
+def scenes_root() -> Path:
+    return (Path(os.environ.get("DETECTRON2_DATASETS", "datasets")) / "gkd_scenes").resolve()
+
+
+def split_dir(name: str) -> Path:
+    """Folder that holds (or will hold) the images and json of a registered embedded split."""
+    split, spec, seed = EMBEDDED_SPLITS[name]
+    return scenes_root() / spec_key(spec, seed, split)
+
+
+def ensure_split(name: str) -> Path:
+    """Generate the split ``name`` if it is not on disk yet; return its folder."""
+    split, spec, seed = EMBEDDED_SPLITS[name]
+    return generate_split(scenes_root(), split, spec, seed)
+
+
+def _load(name: str) -> list[dict]:
+    folder = ensure_split(name)
+    return load_coco_json(
+        str(folder / "annotations.json"), str(folder / "images"), name, extra_annotation_keys=EXTRA_KEYS
+    )
+
+
+def register_embedded_datasets() -> None:
+    for name in EMBEDDED_SPLITS:
+        if name in DatasetCatalog.list():
+            continue
+        DatasetCatalog.register(name, lambda name=name: _load(name))
+        folder = split_dir(name)
+        MetadataCatalog.get(name).set(
+            thing_classes=list(SHAPE_CLASSES),
+            # ids in the json are 1..K; load_coco_json maps them to contiguous 0..K-1
+            thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(SHAPE_CLASSES))},
+            json_file=str(folder / "annotations.json"),
+            image_root=str(folder / "images"),
+            evaluator_type="coco",
+        )
