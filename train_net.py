@@ -4,7 +4,7 @@
     python train_net.py --config-file configs/quickstart_retinanet_cpu.yaml
     python train_net.py --config-file CONFIG --num-gpus 8
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS out/model_final.pth
-    python train_net.py --config-file CONFIG --resume      # continue from OUTPUT_DIR/last_checkpoint
+    python train_net.py --config-file CONFIG --resume   # from OUTPUT_DIR/last_checkpoint
 
 On a machine without a GPU, ``--num-gpus N`` runs N CPU processes (gloo).
 """

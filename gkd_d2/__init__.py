@@ -4,6 +4,7 @@ Importing the package registers its datasets (and, as they land, its meta-archit
 detectron2, in the style of detectron2's own projects.
 """
 
+from . import modeling  # noqa: F401  (registers backbones)
 from .config import add_gkd_config
 from .data import register_embedded_datasets
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -152,6 +151,9 @@ def patch_c_standin(root: Path) -> None:
 
 
 # ---- patch 3: COCOeval fallback ----------------------------------------------------------------
+COCO_EVAL_LINE = (
+    "    coco_eval = (COCOeval_opt if use_fast_impl else COCOeval)(coco_gt, coco_dt, iou_type)\n"
+)
 COCO_EDITS = [
     (
         "from .evaluator import DatasetEvaluator\n",
@@ -166,10 +168,8 @@ COCO_EDITS = [
         "        self._use_fast_impl = use_fast_impl and not _pure_python_build()\n",
     ),
     (
-        "    coco_eval = (COCOeval_opt if use_fast_impl else COCOeval)(coco_gt, coco_dt, iou_type)\n",
-        "    if _pure_python_build():\n"
-        "        use_fast_impl = False\n"
-        "    coco_eval = (COCOeval_opt if use_fast_impl else COCOeval)(coco_gt, coco_dt, iou_type)\n",
+        COCO_EVAL_LINE,
+        "    if _pure_python_build():\n        use_fast_impl = False\n" + COCO_EVAL_LINE,
     ),
 ]
 
@@ -183,7 +183,7 @@ def patch_coco_eval(root: Path) -> None:
 ZOO_EDITS = [
     ("import pkg_resources\n", ""),
     (
-        'cfg_file = pkg_resources.resource_filename(\n'
+        "cfg_file = pkg_resources.resource_filename(\n"
         '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
         "    )",
         "cfg_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "
@@ -260,8 +260,18 @@ def download(python: str, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     # --no-build-isolation: the sdist's setup.py imports torch, which must already be installed.
     subprocess.run(
-        [python, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q",
-         "-d", str(cache), f"{SDIST_NAME}=={SDIST_VERSION}"],
+        [
+            python,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-d",
+            str(cache),
+            f"{SDIST_NAME}=={SDIST_VERSION}",
+        ],
         check=True,
     )
     verify_sdist(sdist)
@@ -284,8 +294,17 @@ def main(argv: list[str] | None = None) -> int:
         root = unpack(sdist, Path(tmp))
         patch_tree(root)
         subprocess.run(
-            [args.python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-             "--force-reinstall", str(root)],
+            [
+                args.python,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-build-isolation",
+                "--no-deps",
+                "--force-reinstall",
+                str(root),
+            ],
             check=True,
         )
     if not installed_patch_level_ok(args.python):

@@ -46,7 +46,10 @@ def ensure_split(name: str) -> Path:
 def _load(name: str) -> list[dict]:
     folder = ensure_split(name)
     return load_coco_json(
-        str(folder / "annotations.json"), str(folder / "images"), name, extra_annotation_keys=EXTRA_KEYS
+        str(folder / "annotations.json"),
+        str(folder / "images"),
+        name,
+        extra_annotation_keys=EXTRA_KEYS,
     )
 
 

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _SUPERSAMPLE = 4  # masks are drawn 4x larger and area-downsampled: anti-aliased edges
 
 
@@ -40,7 +40,8 @@ class SceneSpec:
     blur_prob: float = 0.25
     min_visible: float = 0.3  # drop objects less visible than this (occlusion)
     occluded_below: float = 0.9  # an object is flagged occluded when less visible than this
-    num_distractors: int = 6
+    num_distractors: int = 4
+    color_draws: int = 3  # more draws = more contrast between objects and background
 
 
 def _shape_mask(cls: str, w: int, h: int, angle: float, rng: np.random.Generator) -> np.ndarray:
@@ -64,7 +65,9 @@ def _shape_mask(cls: str, w: int, h: int, angle: float, rng: np.random.Generator
     elif cls == "ring":
         cv2.ellipse(canvas, (int(cx), int(cy)), (int(rx), int(ry)), 0, 0, 360, 255, -1)
         inner = rng.uniform(0.45, 0.65)
-        cv2.ellipse(canvas, (int(cx), int(cy)), (int(rx * inner), int(ry * inner)), 0, 0, 360, 0, -1)
+        cv2.ellipse(
+            canvas, (int(cx), int(cy)), (int(rx * inner), int(ry * inner)), 0, 0, 360, 0, -1
+        )
     elif cls == "square":
         poly(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64))
     elif cls == "triangle":
@@ -137,8 +140,11 @@ def render_scene(
         h = int(np.clip(round(side / aspect), 6, S))
         x0, y0 = int(rng.integers(0, S - w + 1)), int(rng.integers(0, S - h + 1))
         alpha = _shape_mask(SHAPE_CLASSES[cls_id], w, h, float(rng.uniform(0, 2 * np.pi)), rng)
-        # appearance: a random colour with a stripe texture and a tint
-        color = rng.uniform(0, 255, 3).astype(np.float32)
+        # appearance: a colour that stands out from the background under the object (the best
+        # of a few random draws), a stripe texture and a tint
+        local = img[y0 : y0 + h, x0 : x0 + w].reshape(-1, 3).mean(axis=0)
+        candidates = rng.uniform(0, 255, (spec.color_draws, 3)).astype(np.float32)
+        color = candidates[np.argmax(np.linalg.norm(candidates - local, axis=1))]
         period = rng.uniform(3, 9)
         phase = (np.arange(w)[None, :] * math.cos(period) + np.arange(h)[:, None]) / period
         stripes = (0.5 + 0.5 * np.sin(phase))[..., None].astype(np.float32)
@@ -164,7 +170,7 @@ def render_scene(
     for full, vis, (cls_id, blurred) in zip(full_masks, visible, meta):
         full_area = int(full.sum())
         vis_area = int(vis.sum())
-        if full_area == 0 or vis_area < spec.min_visible * full_area:
+        if vis_area == 0 or vis_area < spec.min_visible * full_area:
             continue
         ys, xs = np.nonzero(vis)
         bx, by = int(xs.min()), int(ys.min())
@@ -215,19 +221,30 @@ def generate_split(root: str | os.PathLike, split: str, spec: SceneSpec, seed: i
         img, objects = render_scene(spec, rng)
         file_name = f"{i:06d}.png"
         cv2.imwrite(str(tmp / "images" / file_name), img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-        images.append({"id": i + 1, "file_name": file_name, "width": img.shape[1],
-                       "height": img.shape[0]})
+        images.append(
+            {"id": i + 1, "file_name": file_name, "width": img.shape[1], "height": img.shape[0]}
+        )
         for obj in objects:
             w, h = obj["bbox"][2], obj["bbox"][3]
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": i + 1, "category_id": obj["category_id"] + 1,
-                 "bbox": obj["bbox"], "area": w * h, "iscrowd": 0,
-                 "visible_fraction": obj["visible_fraction"], "occluded": obj["occluded"],
-                 "blurred": obj["blurred"]}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": obj["category_id"] + 1,
+                    "bbox": obj["bbox"],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "visible_fraction": obj["visible_fraction"],
+                    "occluded": obj["occluded"],
+                    "blurred": obj["blurred"],
+                }
             )
     coco = {
-        "info": {"description": f"gkd_d2 embedded scenes, split {split}, seed {seed}",
-                 "generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)},
+        "info": {
+            "description": f"gkd_d2 embedded scenes, split {split}, seed {seed}",
+            "generator_version": GENERATOR_VERSION,
+            "spec": dataclasses.asdict(spec),
+        },
         "images": images,
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": n} for k, n in enumerate(SHAPE_CLASSES)],

@@ -59,8 +59,13 @@ def launch(
                 f"--num-gpus {num_gpus_per_machine} but this machine has {available} CUDA device(s)"
             )
         return d2_launch(
-            main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url or "auto",
-            args=args, timeout=timeout,
+            main_func,
+            num_gpus_per_machine,
+            num_machines,
+            machine_rank,
+            dist_url or "auto",
+            args=args,
+            timeout=timeout,
         )
 
     world_size = num_gpus_per_machine * num_machines
@@ -68,7 +73,9 @@ def launch(
         return main_func(*args)
     if dist_url in (None, "auto"):
         if num_machines != 1:
-            raise ValueError("dist_url=auto works on one machine only; give --dist-url tcp://HOST:PORT")
+            raise ValueError(
+                "dist_url=auto works on one machine only; give --dist-url tcp://HOST:PORT"
+            )
         dist_url = f"tcp://127.0.0.1:{_free_local_port()}"
     cores = os.cpu_count() or 1
     if num_gpus_per_machine > cores:

@@ -46,6 +46,21 @@ class Trainer(DefaultTrainer):
         with _ddp_without_device_ids(cfg):
             super().__init__(cfg)
 
+    # detectron2 0.6 leaves the optimizer state (SGD momentum, the AMP grad scaler) out of its
+    # checkpoints, so --resume restarted momentum from zero; later detectron2 versions save it
+    # under "_trainer" as done here.
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state: momentum restarts from zero")
+
     @classmethod
     def build_evaluator(
         cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None

@@ -1,0 +1,43 @@
+"""Train the tiny config in N CPU processes via gkd_d2's launcher; each rank saves its weights.
+
+python tests/helpers/dist_train.py OUT_DIR NUM_PROCS [KEY VALUE ...]
+"""
+
+import sys
+from types import SimpleNamespace
+
+import torch
+from detectron2.utils import comm
+
+import gkd_d2  # noqa: F401
+from gkd_d2.engine import Trainer, launch, setup_cfg
+
+CONFIG = __file__.rsplit("/helpers/", 1)[0] + "/configs/tiny_retinanet.yaml"
+
+
+def main(out_dir, opts):
+    args = SimpleNamespace(
+        config_file=CONFIG, opts=["OUTPUT_DIR", out_dir, *opts], eval_only=False, resume=False
+    )
+    cfg = setup_cfg(args)
+    trainer = Trainer(cfg)
+    model = trainer.model.module if comm.get_world_size() > 1 else trainer.model
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer.train()
+    torch.save(
+        {
+            "rank": comm.get_rank(),
+            "local_rank": comm.get_local_rank(),
+            "world_size": comm.get_world_size(),
+            "threads": torch.get_num_threads(),
+            "ddp": type(trainer.model).__name__,
+            "initial": initial,
+            "final": {k: v.detach().clone() for k, v in model.named_parameters()},
+        },
+        f"{out_dir}/rank{comm.get_rank()}.pt",
+    )
+
+
+if __name__ == "__main__":
+    out, n, *opts = sys.argv[1:]
+    launch(main, int(n), dist_url="auto", args=(out, opts))

@@ -1,0 +1,192 @@
+"""train_net.py end to end on the CPU: train, evaluate, resume, eval-only; and the launcher."""
+
+import json
+import os
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO, TINY_CONFIG
+
+
+def run(python, *argv, timeout=600):
+    proc = subprocess.run(
+        [python, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def metrics_iterations(out):
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    return [r["iteration"] for r in rows if "total_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, python):
+    """4 iterations with a checkpoint every 2, then evaluation on the tiny val split."""
+    out = tmp_path_factory.mktemp("train")
+    log = run(
+        python,
+        "train_net.py",
+        "--config-file",
+        str(TINY_CONFIG),
+        "OUTPUT_DIR",
+        str(out),
+        "SOLVER.MAX_ITER",
+        "4",
+        "TEST.EVAL_PERIOD",
+        "0",
+    )
+    return out, log
+
+
+def test_train_writes_checkpoints_and_evaluates(trained):
+    out, log = trained
+    assert (out / "model_0000001.pth").is_file() and (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["iteration"] == 3
+    assert {"model", "trainer", "iteration"} <= ckpt.keys()
+    # optimizer (momentum) and LR scheduler state, needed for an exact resume
+    assert ckpt["trainer"]["_trainer"]["optimizer"]["state"]
+    assert ckpt["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 4
+    assert metrics_iterations(out)[-1] == 3
+    # COCO AP table printed by COCOEvaluator (pycocotools) at the end of training
+    assert "Evaluation results for bbox" in log and "|  AP   |  AP50  |" in log
+    assert "Evaluating predictions with official COCO API" in log
+    assert (out / "inference" / "gkd_scenes_tiny_val" / "coco_instances_results.json").is_file()
+
+
+def test_resume_continues_from_last_checkpoint(trained, tmp_path, python):
+    src, _ = trained
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ("model_final.pth", "last_checkpoint", "metrics.json"):
+        (out / name).write_bytes((src / name).read_bytes())
+    log = run(
+        python,
+        "train_net.py",
+        "--config-file",
+        str(TINY_CONFIG),
+        "--resume",
+        "OUTPUT_DIR",
+        str(out),
+        "SOLVER.MAX_ITER",
+        "7",
+        "TEST.EVAL_PERIOD",
+        "0",
+    )
+    assert f"Loading from {out / 'model_final.pth'}" in log
+    assert "Starting training from iteration 4" in log
+    # one row from the first run (its last iteration), one from the resumed run
+    assert metrics_iterations(out) == [3, 6]
+    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["iteration"] == 6
+
+
+def test_eval_only_reproduces_final_evaluation(trained, tmp_path, python):
+    src, log = trained
+    log2 = run(
+        python,
+        "train_net.py",
+        "--config-file",
+        str(TINY_CONFIG),
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        str(src / "model_final.pth"),
+        "OUTPUT_DIR",
+        str(tmp_path),
+    )
+
+    def csv_line(text):
+        return [line for line in text.splitlines() if "copypaste: " in line][-1].split(
+            "copypaste: "
+        )[1]
+
+    assert csv_line(log2) == csv_line(log)
+
+
+def test_two_cpu_processes_end_with_identical_parameters(tmp_path, python):
+    run(
+        python,
+        "tests/helpers/dist_train.py",
+        str(tmp_path),
+        "2",
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+    )
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert (r0["rank"], r1["rank"]) == (0, 1) and (r0["local_rank"], r1["local_rank"]) == (0, 1)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["threads"] == r1["threads"] == 1
+    assert r0["ddp"] == r1["ddp"] == "DistributedDataParallel"
+    assert r0["final"].keys() == r1["final"].keys()
+    changed = 0
+    for k, v in r0["final"].items():
+        assert torch.equal(v, r1["final"][k]), k
+        assert torch.equal(r0["initial"][k], r1["initial"][k]), k
+        changed += not torch.equal(v, r0["initial"][k])
+    assert changed > len(r0["final"]) // 2
+
+
+def test_launch_rejects_bad_counts():
+    from gkd_d2.engine import launch
+
+    with pytest.raises(ValueError, match="must be >= 1"):
+        launch(print, 0)
+    with pytest.raises(ValueError, match="one machine only"):
+        launch(print, 1, num_machines=2, dist_url="auto")
+
+
+def test_single_process_launch_runs_in_place():
+    from gkd_d2.engine import launch
+
+    assert launch(lambda x: x + 1, 1, args=(41,)) == 42
+
+
+def test_setup_falls_back_to_cpu(tmp_path):
+    from gkd_d2.engine import setup_cfg
+
+    args = SimpleNamespace(
+        config_file=str(TINY_CONFIG),
+        eval_only=False,
+        resume=False,
+        opts=["MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(tmp_path)],
+    )
+    cfg = setup_cfg(args)
+    assert cfg.MODEL.DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cfg.NUM_THREADS == 0
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_evaluator_by_dataset_type_and_clear_error(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+    from gkd_d2.engine import Trainer, setup_cfg
+
+    cfg = setup_cfg(
+        SimpleNamespace(
+            config_file=str(TINY_CONFIG),
+            eval_only=False,
+            resume=False,
+            opts=["OUTPUT_DIR", str(tmp_path)],
+        )
+    )
+    assert isinstance(Trainer.build_evaluator(cfg, "gkd_scenes_tiny_val"), COCOEvaluator)
+    assert isinstance(Trainer.build_evaluator(cfg, "voc_2007_test"), PascalVOCDetectionEvaluator)
+    DatasetCatalog.register("untyped_set", list)
+    with pytest.raises(ValueError, match="'untyped_set'.*evaluator_type is None"):
+        Trainer.build_evaluator(cfg, "untyped_set")
+    MetadataCatalog.remove("untyped_set")
+    DatasetCatalog.remove("untyped_set")
