@@ -67,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     # DefaultTrainer.test() returns {task: metrics} for one test set, {set: {task: ...}} for more
     metrics = results if "bbox" in results else next(iter(results.values()))
-    test_set = load_cfg(ns.config_file, ns.opts).DATASETS.TEST[0]
+    cfg = load_cfg(ns.config_file, ns.opts)
+    model = f"{cfg.MODEL.META_ARCHITECTURE} R{cfg.MODEL.RESNETS.DEPTH} "
+    model += f"(res2 {cfg.MODEL.RESNETS.RES2_OUT_CHANNELS} ch)"
     print(
-        f"\ngkd_d2 demo: {Path(ns.config_file).name}, evaluated on {test_set}, "
+        f"\ngkd_d2 demo: {Path(ns.config_file).name}, {cfg.SOLVER.MAX_ITER} iterations "
+        f"from scratch, evaluated on {cfg.DATASETS.TEST[0]}, "
         f"{minutes:.1f} min in total (train + eval)"
     )
-    print(format_table([("RetinaNet R18-FPN (from scratch)", metrics["bbox"])]))
+    print(format_table([(model, metrics["bbox"])]))
     return 0
 
 

@@ -46,6 +46,12 @@ class Trainer(DefaultTrainer):
         with _ddp_without_device_ids(cfg):
             super().__init__(cfg)
 
+    def train(self) -> dict | None:
+        """Train; return the final evaluation results (detectron2 0.6 returns them only when
+        TEST.EXPECTED_RESULTS is set), or None when nothing was evaluated."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
     # detectron2 0.6 leaves the optimizer state (SGD momentum, the AMP grad scaler) out of its
     # checkpoints, so --resume restarted momentum from zero; later detectron2 versions save it
     # under "_trainer" as done here.
