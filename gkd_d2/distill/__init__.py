@@ -1,5 +1,12 @@
-"""The math of GKD as pure tensor functions (no detectron2 state): pooling, PGM, RDM."""
+"""The math of GKD as pure tensor functions (no detectron2 state): pooling, PGM, RDM, losses."""
 
+from .losses import (
+    decoupled_imitation_losses,
+    foreground_mask,
+    global_alignment_loss,
+    linear_attenuation,
+    soft_label_kl,
+)
 from .pooling import assign_levels, box_crop_mean, crop_windows
 from .prototypes import (
     dense_candidates,
@@ -16,6 +23,11 @@ from .robustness import (
 )
 
 __all__ = [
+    "decoupled_imitation_losses",
+    "foreground_mask",
+    "global_alignment_loss",
+    "linear_attenuation",
+    "soft_label_kl",
     "assign_levels",
     "best_class_match",
     "box_crop_mean",

@@ -1,0 +1,131 @@
+"""Loss terms of GKD's RDM: robust fg/bg feature imitation, soft-label KD, global alignment.
+
+Spec: ../shared/docs/gkd-method.md sections 4.3, 4.4, 4.6 (and pitfalls 8, 10, 15).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def foreground_mask(
+    boxes: torch.Tensor,
+    batch_idx: torch.Tensor,
+    weights: torch.Tensor,
+    stride: float,
+    shape: tuple[int, int, int],
+) -> torch.Tensor:
+    """Robustness-weighted foreground mask of one FPN level.
+
+    Each box marks cells y in [floor(y1/s), min(floor(y2/s), H)), x likewise (end exclusive),
+    with its weight; a box whose range is empty in x or y marks only the cell
+    (floor(y1/s), floor(x1/s)). Overlaps keep the largest weight (the official code lets the
+    last box win; max is order-independent). Pass only the boxes assigned to this level.
+
+    Args:
+        boxes: (N, 4) XYXY boxes in input pixels.
+        batch_idx: (N,) int64 image of each box.
+        weights: (N,) weight of each box (r, or ones for binary DeFeat-style masks).
+        stride: the level's stride.
+        shape: (B, H, W) of the level's maps.
+
+    Returns:
+        (B, H, W) mask, 0 on background.
+    """
+    B, H, W = shape
+    mask = weights.new_zeros((B, H, W))
+    if boxes.numel() == 0:
+        return mask
+    cells = torch.floor(boxes / stride).long()
+    xs, ys = cells[:, 0].clamp(0, W - 1), cells[:, 1].clamp(0, H - 1)
+    xe, ye = cells[:, 2].clamp(max=W), cells[:, 3].clamp(max=H)
+    degenerate = (xe <= xs) | (ye <= ys)
+    xe = torch.where(degenerate, xs + 1, xe)
+    ye = torch.where(degenerate, ys + 1, ye)
+    rows = torch.arange(H, device=boxes.device)
+    cols = torch.arange(W, device=boxes.device)
+    in_rows = (rows >= ys[:, None]) & (rows < ye[:, None])  # (N, H)
+    in_cols = (cols >= xs[:, None]) & (cols < xe[:, None])  # (N, W)
+    per_box = (in_rows[:, :, None] & in_cols[:, None, :]) * weights[:, None, None]  # (N, H, W)
+    src = per_box.to(mask.dtype).reshape(len(boxes), H * W)
+    index = batch_idx[:, None].expand(-1, H * W)
+    return mask.view(B, H * W).scatter_reduce_(0, index, src, "amax").view(B, H, W)
+
+
+def decoupled_imitation_losses(
+    adapted_student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground and background feature-imitation losses of one level (unweighted).
+
+    With D = (A - T)^2: L_fg = sum(D * M) / max(1, 2 C sum M) and
+    L_bg = sum(D * [M <= 0]) / max(1, 2 C sum [M <= 0]); M is broadcast over channels.
+
+    Args:
+        adapted_student: (B, C, H, W) student map after the level's adapter.
+        teacher: (B, C, H, W) teacher map.
+        mask: (B, H, W) foreground mask from :func:`foreground_mask`.
+
+    Returns:
+        (L_fg, L_bg) scalars.
+    """
+    C = teacher.shape[1]
+    sq = (adapted_student - teacher).pow(2).sum(dim=1)  # (B, H, W): channels summed once
+    bg = (mask <= 0).to(sq.dtype)
+    fg_loss = (sq * mask).sum() / torch.clamp(2 * C * mask.sum(), min=1.0)
+    bg_loss = (sq * bg).sum() / torch.clamp(2 * C * bg.sum(), min=1.0)
+    return fg_loss, bg_loss
+
+
+def soft_label_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 2.0,
+) -> torch.Tensor:
+    """Robustness-weighted soft-label distillation: mean_n w_n T^2 mean_c p_T (log p_T - log p_S).
+
+    Note the mean over classes (the official normalisation). Rows of the three inputs must
+    describe the same instances in the same order.
+
+    Args:
+        student_logits, teacher_logits: (N, K) logits of the same N instances.
+        weights: (N,) robustness weights.
+
+    Returns:
+        scalar loss; 0 (connected to the student graph) when N = 0.
+    """
+    if student_logits.shape != teacher_logits.shape or weights.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"soft_label_kl: student logits {tuple(student_logits.shape)}, teacher logits "
+            f"{tuple(teacher_logits.shape)} and weights {tuple(weights.shape)} do not align"
+        )
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).mean(dim=1) * temperature**2
+    return (weights * kl).mean()
+
+
+def global_alignment_loss(
+    rep_student: torch.Tensor, rep_teacher: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Explicit global-knowledge loss of one level: SmoothL1 (beta 1, mean) of r G_S vs r G_T.
+
+    Args:
+        rep_student, rep_teacher: (N, P) global representations (cosines to all prototypes).
+        weights: (N,) robustness weights r.
+
+    Returns:
+        scalar loss; 0 when N = 0.
+    """
+    if rep_student.shape[0] == 0:
+        return rep_student.sum() * 0.0
+    w = weights[:, None]
+    return F.smooth_l1_loss(w * rep_student, w * rep_teacher, beta=1.0, reduction="mean")
+
+
+def linear_attenuation(epoch: int, num_epochs: int) -> float:
+    """a(e) = 1 - e / E for the 0-based epoch e, never below 0."""
+    return max(0.0, 1.0 - epoch / num_epochs)

@@ -1,0 +1,113 @@
+"""GKD's loss terms: foreground masks, decoupled imitation, soft labels, global alignment."""
+
+import math
+
+import pytest
+import torch
+
+from gkd_d2.distill import (
+    decoupled_imitation_losses,
+    foreground_mask,
+    global_alignment_loss,
+    linear_attenuation,
+    soft_label_kl,
+)
+
+
+def test_foreground_mask_by_hand():
+    boxes = torch.tensor(
+        [
+            [8.0, 8.0, 24.0, 16.0],  # cells y [1, 2), x [1, 3)
+            [
+                16.0,
+                0.0,
+                40.0,
+                12.0,
+            ],  # y [0, 1), x [2, 5): overlaps nothing above... x up to 5 > W=4 -> 4
+            [20.0, 20.0, 22.0, 30.0],  # x range empty (floor(22/8)=2 = xs): single cell (2, 2)
+            [0.0, 0.0, 16.0, 8.0],  # image 1: y [0, 1), x [0, 2)
+            [8.0, 8.0, 24.0, 16.0],  # image 0 again, larger weight on the same cells: max wins
+        ]
+    )
+    batch_idx = torch.tensor([0, 0, 0, 1, 0])
+    weights = torch.tensor([0.5, 0.25, 0.75, 1.0, 0.6])
+    mask = foreground_mask(boxes, batch_idx, weights, stride=8.0, shape=(2, 3, 4))
+    want = torch.zeros(2, 3, 4)
+    want[0, 1, 1:3] = 0.6
+    want[0, 0, 2:4] = 0.25
+    want[0, 2, 2] = 0.75
+    want[1, 0, 0:2] = 1.0
+    torch.testing.assert_close(mask, want)
+    # order-independent (max), unlike the official overwrite
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    torch.testing.assert_close(
+        foreground_mask(boxes[perm], batch_idx[perm], weights[perm], 8.0, (2, 3, 4)), want
+    )
+    assert foreground_mask(boxes[:0], batch_idx[:0], weights[:0], 8.0, (2, 3, 4)).abs().sum() == 0
+
+
+def test_decoupled_losses_by_hand_and_zero_when_equal():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 3, 4, 5, generator=g)
+    s = torch.randn(2, 3, 4, 5, generator=g)
+    mask = torch.zeros(2, 4, 5)
+    mask[0, 1:3, 2:4] = 0.5
+    mask[1, 0, 0] = 1.0
+    fg, bg = decoupled_imitation_losses(s, t, mask)
+    d = (s - t) ** 2
+    want_fg = (d * mask[:, None]).sum() / (2 * 3 * mask.sum())
+    bgm = (mask <= 0).float()
+    want_bg = (d * bgm[:, None]).sum() / (2 * 3 * bgm.sum())
+    torch.testing.assert_close(fg, want_fg)
+    torch.testing.assert_close(bg, want_bg)
+    fg0, bg0 = decoupled_imitation_losses(t.clone(), t, mask)
+    assert fg0.item() == 0.0 and bg0.item() == 0.0
+    # empty foreground: normaliser max(1, .) keeps it finite
+    fg_empty, _ = decoupled_imitation_losses(s, t, torch.zeros(2, 4, 5))
+    assert fg_empty.item() == 0.0
+
+
+def test_soft_label_kl_by_hand_and_zero_when_equal():
+    zs = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]], requires_grad=True)
+    zt = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    w = torch.tensor([1.0, 0.5])
+    T = 2.0
+    got = soft_label_kl(zs, zt, w, T)
+    total = 0.0
+    for n in range(2):
+        ps = torch.softmax(zs[n].detach() / T, 0).tolist()
+        pt = torch.softmax(zt[n] / T, 0).tolist()
+        kl = sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt)) / 3
+        total += w[n].item() * T * T * kl
+    assert got.item() == pytest.approx(total / 2, rel=1e-6)
+    got.backward()
+    assert zs.grad.abs().sum() > 0
+    assert soft_label_kl(zt.clone(), zt, w).item() == pytest.approx(0.0, abs=1e-7)
+    empty = torch.zeros(0, 3, requires_grad=True)
+    assert soft_label_kl(empty, empty.detach(), torch.zeros(0)).item() == 0.0
+    with pytest.raises(ValueError, match=r"do not align"):
+        soft_label_kl(zs, zt, torch.ones(3))
+
+
+def test_soft_label_kl_batch_equals_per_image_combination():
+    # rows of two images concatenated: the loss is the row-weighted mean of per-image losses
+    g = torch.Generator().manual_seed(2)
+    zs, zt = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    w = torch.rand(7, generator=g)
+    a, b = soft_label_kl(zs[:3], zt[:3], w[:3]), soft_label_kl(zs[3:], zt[3:], w[3:])
+    torch.testing.assert_close(soft_label_kl(zs, zt, w), (3 * a + 4 * b) / 7)
+
+
+def test_global_alignment_loss():
+    gs = torch.tensor([[0.5, 0.0], [1.0, -1.0]])
+    gt = torch.tensor([[0.0, 0.0], [-2.0, -1.0]])
+    r = torch.tensor([1.0, 0.5])
+    # diffs: 0.5, 0, 1.5, 0 -> smooth L1: 0.125, 0, 1.0, 0 -> mean 0.28125
+    assert global_alignment_loss(gs, gt, r).item() == pytest.approx(0.28125)
+    assert global_alignment_loss(gs, gs, r).item() == 0.0
+    assert global_alignment_loss(gs[:0], gt[:0], r[:0]).item() == 0.0
+
+
+def test_linear_attenuation():
+    got = [linear_attenuation(e, 24) for e in (0, 12, 23, 30)]
+    assert got == pytest.approx([1.0, 0.5, 1 / 24, 0.0])
