@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from ..config import add_gkd_config
+from .prototype_refresh import PrototypeRefresh
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +49,121 @@ def _ddp_without_device_ids(cfg: CfgNode) -> Iterator[None]:
         d2_defaults.create_ddp_model = original
 
 
+class ResumableTrainingSampler(TrainingSampler):
+    """detectron2's TrainingSampler that can start ``skip`` indices into this rank's stream.
+
+    detectron2's sampler restarts its stream on resume, so a resumed run sees other images
+    than an uninterrupted one; skipping what was consumed makes the two streams equal.
+    """
+
+    def __init__(self, size: int, seed: int | None = None, skip: int = 0):
+        super().__init__(size, shuffle=True, seed=seed)
+        self._skip = skip
+
+    def __iter__(self):
+        start = self._rank + self._skip * self._world_size
+        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
+
+
+def train_dataset_dicts(cfg: CfgNode) -> list[dict]:
+    """The training set as the loader sees it (detectron2's filtering)."""
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+        if cfg.MODEL.KEYPOINT_ON
+        else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # tensors and plain numbers only, so that torch.load(weights_only=True) can read it back
+    return {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer, runnable on CPU processes, evaluating by dataset type."""
+    """detectron2's DefaultTrainer, runnable on CPU processes, evaluating by dataset type,
+    with exact resume (optimizer, RNG and data stream position in the checkpoint) and, for
+    GKD meta-architectures, the frozen teacher and the prototype-refresh hook."""
 
     def __init__(self, cfg: CfgNode):
         with _ddp_without_device_ids(cfg):
             super().__init__(cfg)
+        model = _unwrap(self.model)
+        if hasattr(model, "attach_teacher"):
+            from ..teacher import build_teacher
+
+            # fails here, before training, on missing weights or mismatching keys/classes
+            model.attach_teacher(build_teacher(cfg))
+            model.attenuation_schedule = (
+                (self.epoch_length(cfg), self.num_epochs(cfg))
+                if cfg.MODEL.GKD.ATTENUATION
+                else None
+            )
+
+    @staticmethod
+    def epoch_length(cfg: CfgNode) -> int:
+        """Iterations between prototype refreshes: MODEL.GKD.REFRESH_PERIOD, or one epoch."""
+        if cfg.MODEL.GKD.REFRESH_PERIOD > 0:
+            return cfg.MODEL.GKD.REFRESH_PERIOD
+        return max(1, len(train_dataset_dicts(cfg)) // cfg.SOLVER.IMS_PER_BATCH)
+
+    @classmethod
+    def num_epochs(cls, cfg: CfgNode) -> int:
+        if cfg.MODEL.GKD.NUM_EPOCHS > 0:
+            return cfg.MODEL.GKD.NUM_EPOCHS
+        return max(1, -(-cfg.SOLVER.MAX_ITER // cls.epoch_length(cfg)))
+
+    def build_hooks(self) -> list:
+        ret = super().build_hooks()
+        if hasattr(_unwrap(self.model), "distiller"):
+            refresh = PrototypeRefresh(
+                self.cfg, train_dataset_dicts(self.cfg), self.epoch_length(self.cfg)
+            )
+            # before the checkpointer, so that a checkpoint holds the bank it trained with
+            # (only the main process has one)
+            at = next(
+                (i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicCheckpointer)),
+                len(ret),
+            )
+            ret.insert(at, refresh)
+        return ret
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode, start_iter: int = 0):
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return super().build_train_loader(cfg)
+        dataset = train_dataset_dicts(cfg)
+        per_rank = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        seed = cfg.SEED if cfg.SEED >= 0 else None
+        sampler = ResumableTrainingSampler(len(dataset), seed=seed, skip=start_iter * per_rank)
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0 and self.cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+            # continue the data stream where the checkpointed run left it
+            loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
+            self._trainer.data_loader = loader
+            self._trainer._data_loader_iter = iter(loader)
 
     def train(self) -> dict | None:
         """Train; return the final evaluation results (detectron2 0.6 returns them only when
@@ -55,9 +174,11 @@ class Trainer(DefaultTrainer):
     # detectron2 0.6 leaves the optimizer state (SGD momentum, the AMP grad scaler) out of its
     # checkpoints, so --resume restarted momentum from zero; later detectron2 versions save it
     # under "_trainer" as done here.
+    # The RNG states (data augmentation draws from numpy's) make the resumed run the same run.
     def state_dict(self) -> dict:
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        ret["rng"] = _rng_state()
         return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -66,6 +187,8 @@ class Trainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("The checkpoint has no optimizer state: momentum restarts from zero")
+        if "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])
 
     @classmethod
     def build_evaluator(
@@ -103,6 +226,12 @@ def setup_cfg(args) -> CfgNode:
         logger.warning("No CUDA device: MODEL.DEVICE set to 'cpu'")
     if cfg.NUM_THREADS > 0:
         torch.set_num_threads(cfg.NUM_THREADS)
+    if cfg.MODEL.DEVICE == "cpu":
+        # detectron2's focal loss is TorchScript: after two profiling calls the JIT fuses it,
+        # which rounds differently, so iteration k of a resumed process (or of a second run in
+        # one process) would not equal iteration k of the original run. Without fusion CPU
+        # training is bitwise reproducible (checked by the resume tests).
+        torch.jit.set_fusion_strategy([("STATIC", 0), ("DYNAMIC", 0)])
     if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() == 1:
         logger.info("Training on the CPU with %d torch threads", torch.get_num_threads())
     return cfg

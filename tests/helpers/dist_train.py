@@ -15,9 +15,9 @@ from gkd_d2.engine import Trainer, launch, setup_cfg
 CONFIG = __file__.rsplit("/helpers/", 1)[0] + "/configs/tiny_retinanet.yaml"
 
 
-def main(out_dir, opts):
+def main(out_dir, config, opts):
     args = SimpleNamespace(
-        config_file=CONFIG, opts=["OUTPUT_DIR", out_dir, *opts], eval_only=False, resume=False
+        config_file=config, opts=["OUTPUT_DIR", out_dir, *opts], eval_only=False, resume=False
     )
     cfg = setup_cfg(args)
     trainer = Trainer(cfg)
@@ -33,6 +33,7 @@ def main(out_dir, opts):
             "ddp": type(trainer.model).__name__,
             "initial": initial,
             "final": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
         },
         f"{out_dir}/rank{comm.get_rank()}.pt",
     )
@@ -40,4 +41,7 @@ def main(out_dir, opts):
 
 if __name__ == "__main__":
     out, n, *opts = sys.argv[1:]
-    launch(main, int(n), dist_url="auto", args=(out, opts))
+    config = CONFIG
+    if opts[:1] == ["--config"]:
+        config, opts = opts[1], opts[2:]
+    launch(main, int(n), dist_url="auto", args=(out, config, opts))

@@ -1,0 +1,296 @@
+"""PGM in training: the fixed instance sample, feature extraction, and the refresh hook.
+
+Spec: ../shared/docs/gkd-method.md sections 3.1-3.3 and pitfalls 4-6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper
+from detectron2.engine import HookBase
+from detectron2.structures import BoxMode, ImageList
+from detectron2.utils import comm
+from torch import Tensor
+
+from ..distill import box_crop_mean, select_prototypes
+
+logger = logging.getLogger(__name__)
+
+# A forward of a batch of detectron2 input dicts to (FPN features by name, their ImageList).
+FeatureFn = Callable[[list[dict]], tuple[dict[str, Tensor], ImageList]]
+
+
+def sample_instances(
+    dataset_dicts: list[dict],
+    num_classes: int,
+    min_size: float = 30.0,
+    max_images_per_class: int = 800,
+    seed: int = 1,
+) -> dict[str, Tensor]:
+    """The PGM's instance sample, drawn once: per class, up to ``max_images_per_class`` images
+    with a box of that class wider and taller than ``min_size`` (original pixels, strict), and
+    every such box of the class in those images.
+
+    Args:
+        dataset_dicts: detectron2 dataset dicts (the training set, in loader order).
+
+    Returns:
+        ``image`` (N,) int64 index into ``dataset_dicts``, ``cls`` (N,) int64 contiguous class,
+        ``box`` (N, 4) float32 XYXY in original pixels; ordered by class, image, annotation.
+    """
+    per_class: list[dict[int, list[list[float]]]] = [{} for _ in range(num_classes)]
+    for i, d in enumerate(dataset_dicts):
+        for a in d.get("annotations", []):
+            if a.get("iscrowd", 0):
+                continue
+            x1, y1, x2, y2 = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
+            if x2 - x1 > min_size and y2 - y1 > min_size:
+                per_class[a["category_id"]].setdefault(i, []).append([x1, y1, x2, y2])
+    rng = np.random.RandomState(seed)
+    image, cls, box = [], [], []
+    for c, by_image in enumerate(per_class):
+        ids = sorted(by_image)
+        if len(ids) > max_images_per_class:
+            ids = sorted(rng.choice(ids, max_images_per_class, replace=False).tolist())
+        for i in ids:
+            for b in by_image[i]:
+                image.append(i)
+                cls.append(c)
+                box.append(b)
+    return {
+        "image": torch.tensor(image, dtype=torch.long),
+        "cls": torch.tensor(cls, dtype=torch.long),
+        "box": torch.tensor(box, dtype=torch.float32).reshape(-1, 4),
+    }
+
+
+@torch.no_grad()
+def extract_instance_features(
+    forward: FeatureFn,
+    inputs_of: Callable[[int], dict],
+    instances: dict[str, Tensor],
+    image_ids: list[int],
+    level_names: list[str],
+    strides: list[int],
+    batch_size: int = 1,
+    label: str = "",
+) -> tuple[Tensor, list[Tensor]]:
+    """Box-crop features of the sampled instances that lie in ``image_ids``.
+
+    Each image is forwarded once, whatever the number of classes it holds.
+
+    Args:
+        forward: batch of input dicts -> (features by level name, ImageList).
+        inputs_of: dataset index -> detectron2 input dict (test-time mapper: "image", "height",
+            "width").
+        instances: the sample of :func:`sample_instances`.
+        image_ids: dataset indices of the images to process (this rank's shard).
+
+    Returns:
+        ids: (n,) int64 row indices into ``instances`` of the instances covered;
+        feats: per level, (n, C) float32 CPU tensors, rows in the order of ``ids``.
+    """
+    ids_out: list[Tensor] = []
+    feats_out: list[list[Tensor]] = [[] for _ in level_names]
+    start, last_log = time.perf_counter(), time.perf_counter()
+    for b0 in range(0, len(image_ids), batch_size):
+        chunk = image_ids[b0 : b0 + batch_size]
+        inputs = [inputs_of(i) for i in chunk]
+        feats, images = forward(inputs)
+        boxes, batch_idx, rows = [], [], []
+        for j, (i, inp) in enumerate(zip(chunk, inputs)):
+            sel = torch.nonzero(instances["image"] == i).flatten()
+            h, w = images.image_sizes[j]
+            scale = torch.tensor([w / inp["width"], h / inp["height"]] * 2)
+            boxes.append(instances["box"][sel] * scale)
+            batch_idx.append(torch.full((len(sel),), j, dtype=torch.long))
+            rows.append(sel)
+        device = feats[level_names[0]].device
+        boxes_t, bidx = torch.cat(boxes).to(device), torch.cat(batch_idx).to(device)
+        for k, (name, stride) in enumerate(zip(level_names, strides)):
+            feats_out[k].append(box_crop_mean(feats[name], boxes_t, bidx, stride).float().cpu())
+        ids_out.append(torch.cat(rows))
+        done = b0 + len(chunk)
+        if time.perf_counter() - last_log > 10 or done == len(image_ids):
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * (len(image_ids) - done)
+            logger.info(
+                f"PGM {label}: {done}/{len(image_ids)} images, {elapsed:.0f}s, ETA {eta:.0f}s"
+            )
+            last_log = time.perf_counter()
+    if not ids_out:
+        return torch.zeros(0, dtype=torch.long), [torch.zeros(0, 0) for _ in level_names]
+    return torch.cat(ids_out), [torch.cat(f) for f in feats_out]
+
+
+def gather_features(ids: Tensor, feats: list[Tensor], total: int) -> list[Tensor]:
+    """All-gather every rank's instance features; (total, C) per level in instance order."""
+    parts = comm.all_gather((ids, feats))
+    all_ids = torch.cat([p[0] for p in parts])
+    out = []
+    for k in range(len(feats)):
+        rows = torch.cat([p[1][k] for p in parts if len(p[0])])
+        full = torch.zeros(total, rows.shape[1])
+        full[all_ids] = rows
+        out.append(full)
+    if sorted(all_ids.tolist()) != list(range(total)):
+        raise RuntimeError(f"PGM: gathered {len(all_ids)} instance features, expected {total}")
+    return out
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leave Python's, NumPy's and torch's global RNGs as they were.
+
+    The test-time resize draws from NumPy's RNG; a refresh (whose teacher pass only runs in the
+    first refresh of a process) must not shift the augmentation draws of training, or a resumed
+    run would differ from the original one.
+    """
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class PrototypeRefresh(HookBase):
+    """Refresh the prototype bank before iteration 0 and then every ``period`` iterations.
+
+    The instance sample is drawn once and kept in the hook's checkpoint state; the teacher
+    features are extracted once per process and cached; images are sharded over ranks and the
+    features all-gathered, so every rank selects the same bank. The bank itself lives in the
+    model (``distiller`` buffers), hence in every checkpoint; a resumed run skips the refresh
+    that produced the bank it loaded.
+    """
+
+    def __init__(self, cfg, dataset_dicts: list[dict], period: int):
+        self.cfg = cfg
+        self.dataset_dicts = dataset_dicts
+        self.period = period
+        self.instances: dict[str, Tensor] | None = None
+        self._teacher_cache: list[Tensor] | None = None
+        self._mapper = DatasetMapper(cfg, is_train=False)
+        self.images_forwarded = 0  # per refresh, by this process (both models counted once)
+
+    def _model(self):
+        model = self.trainer.model
+        return model.module if hasattr(model, "module") else model
+
+    def _inputs_of(self, index: int) -> dict:
+        return self._mapper(dict(self.dataset_dicts[index]))
+
+    def before_step(self) -> None:
+        it = self.trainer.iter
+        if it % self.period == 0 and int(self._model().distiller.bank_iter) != it:
+            self.refresh(it)
+
+    def refresh(self, iteration: int) -> None:
+        g = self.cfg.MODEL.GKD
+        model = self._model()
+        distiller = model.distiller
+        num_classes, num_levels = distiller.protos_s.shape[1], distiller.protos_s.shape[0]
+        start = time.perf_counter()
+        if self.instances is None:
+            self.instances = sample_instances(
+                self.dataset_dicts,
+                num_classes,
+                g.MIN_BOX_SIZE,
+                g.MAX_IMAGES_PER_CLASS,
+                g.SAMPLE_SEED,
+            )
+        inst = self.instances
+        images = sorted(set(inst["image"].tolist()))
+        shard = images[comm.get_rank() :: comm.get_world_size()]
+        names = list(model.head_in_features)
+        strides = distiller.strides
+
+        def student_forward(inputs):
+            ims = model.preprocess_image(inputs)
+            return model.backbone(ims.tensor), ims
+
+        was_training = model.training
+        model.eval()
+        try:
+            with preserved_rng():
+                ids, feats_s = extract_instance_features(
+                    student_forward,
+                    self._inputs_of,
+                    inst,
+                    shard,
+                    names,
+                    strides,
+                    g.EXTRACT_BATCH_SIZE,
+                    "student",
+                )
+                if self._teacher_cache is None:
+                    teacher = model.teacher
+                    tid, feats_t = extract_instance_features(
+                        teacher.features,
+                        self._inputs_of,
+                        inst,
+                        shard,
+                        list(teacher.model.head_in_features),
+                        strides,
+                        g.EXTRACT_BATCH_SIZE,
+                        "teacher",
+                    )
+                    self._teacher_cache = gather_features(tid, feats_t, len(inst["cls"]))
+        finally:
+            model.train(was_training)
+        self.images_forwarded = len(shard)
+        feats_s = gather_features(ids, feats_s, len(inst["cls"]))
+        feats_t = self._teacher_cache
+
+        empty = []
+        for c in range(num_classes):
+            rows = torch.nonzero(inst["cls"] == c).flatten()
+            if len(rows) == 0:
+                empty.append(c)
+            for lvl in range(num_levels):
+                picks = rows[
+                    select_prototypes(
+                        feats_s[lvl][rows],
+                        feats_t[lvl][rows],
+                        g.NUM_PROTOTYPES,
+                        g.ALPHA,
+                        g.DENSITY_KERNEL,
+                        g.DENSITY_QUANTILE,
+                        g.EXCLUDE_PICKED,
+                    )
+                ]
+                device = distiller.protos_s.device
+                distiller.set_bank(
+                    lvl, c, feats_s[lvl][picks].to(device), feats_t[lvl][picks].to(device)
+                )
+        distiller.bank_iter.fill_(iteration)
+        seconds = time.perf_counter() - start
+        if empty:
+            logger.warning(
+                f"PGM: classes {empty} have no instance larger than {g.MIN_BOX_SIZE} px: no "
+                "prototypes, their instances get r = 1 (unweighted knowledge)"
+            )
+        logger.info(
+            f"PGM refresh at iteration {iteration}: {len(inst['cls'])} instances in {len(images)} "
+            f"images ({len(shard)} on this rank), {seconds:.1f}s"
+        )
+        storage = self.trainer.storage
+        storage.put_scalars(
+            **{"gkd/refresh_seconds": seconds, "gkd/pgm_instances": float(len(inst["cls"]))},
+            smoothing_hint=False,
+        )
+
+    def state_dict(self) -> dict:
+        return {} if self.instances is None else {"instances": self.instances}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "instances" in state_dict:
+            self.instances = state_dict["instances"]

@@ -1,0 +1,143 @@
+"""GKDRetinaNet: a detectron2 RetinaNet student distilled from a frozen teacher with GKD.
+
+Only the RetinaNet-specific part lives here: the instances are the positive anchors (their
+anchor boxes, with the class of the matched ground truth) and the logits are the K-way
+classification logits at those anchors. The distillation itself is ``GKDDistiller``.
+"""
+
+from __future__ import annotations
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import Boxes
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+
+from ..distill import assign_levels, linear_attenuation
+from .distiller import GKDDistiller
+
+
+@META_ARCH_REGISTRY.register()
+class GKDRetinaNet(RetinaNet):
+    """RetinaNet student + GKD distiller; the teacher is attached by the trainer.
+
+    The teacher (a ``gkd_d2.teacher.FrozenTeacher``) is a plain attribute, not a submodule:
+    it is absent from ``parameters()``, ``state_dict()``, the optimizer and DDP. Inference runs
+    the student alone and needs no teacher.
+    """
+
+    @configurable
+    def __init__(self, *, distiller: GKDDistiller, anchor_own_level: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.distiller = distiller
+        self.anchor_own_level = anchor_own_level
+        self.teacher = None
+        # RetinaNet's EMA loss normaliser is a plain attribute, lost on resume; kept in a buffer
+        # (hence in checkpoints) so that a resumed run normalises its losses as the original
+        # one (-1: not started).
+        self.register_buffer("loss_normalizer_ema", torch.tensor(-1.0, dtype=torch.float64))
+        # (iterations per epoch, epochs) for a(e); set by the trainer. None: a = 1.
+        self.attenuation_schedule: tuple[int, int] | None = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = RetinaNet.from_config(cfg)
+        shapes = ret["backbone"].output_shape()
+        in_features = ret["head_in_features"]
+        student_channels = shapes[in_features[0]].channels
+        teacher_channels = student_channels
+        if cfg.MODEL.TEACHER.CONFIG_FILE:
+            from ..teacher import load_teacher_cfg
+
+            teacher_channels = load_teacher_cfg(cfg).MODEL.FPN.OUT_CHANNELS
+        ret["distiller"] = GKDDistiller.from_config(
+            cfg,
+            strides=[shapes[f].stride for f in in_features],
+            student_channels=student_channels,
+            teacher_channels=teacher_channels,
+            num_classes=cfg.MODEL.RETINANET.NUM_CLASSES,
+        )
+        ret["anchor_own_level"] = cfg.MODEL.GKD.ANCHOR_OWN_LEVEL
+        return ret
+
+    def attach_teacher(self, teacher) -> None:
+        """Attach a FrozenTeacher (kept out of the module tree on purpose)."""
+        object.__setattr__(self, "teacher", teacher)
+
+    def attenuation(self) -> float:
+        if self.attenuation_schedule is None:
+            return 1.0
+        epoch_len, num_epochs = self.attenuation_schedule
+        return linear_attenuation(get_event_storage().iter // epoch_len, num_epochs)
+
+    def forward(self, batched_inputs: list[dict]):
+        if not self.training:
+            return super().forward(batched_inputs)
+        if self.teacher is None:
+            raise RuntimeError(
+                "GKDRetinaNet is training without a teacher: attach one with attach_teacher(), "
+                "as gkd_d2.engine.Trainer does from MODEL.TEACHER.*"
+            )
+        images = self.preprocess_image(batched_inputs)
+        all_features = self.backbone(images.tensor)
+        features = [all_features[f] for f in self.head_in_features]
+        predictions = self.head(features)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        pred_logits, pred_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4]
+        )
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        if self.loss_normalizer_ema >= 0:
+            self.loss_normalizer = float(self.loss_normalizer_ema)
+        losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
+        self.loss_normalizer_ema.fill_(self.loss_normalizer)
+        losses.update(self._distill(batched_inputs, features, pred_logits, anchors, gt_labels))
+        return losses
+
+    def _distill(
+        self,
+        batched_inputs: list[dict],
+        features: list[Tensor],
+        pred_logits: list[Tensor],
+        anchors: list[Boxes],
+        gt_labels: list[Tensor],
+    ) -> dict[str, Tensor]:
+        teacher_all, _ = self.teacher.features(batched_inputs)
+        teacher_features = [teacher_all[f] for f in self.teacher.model.head_in_features]
+        teacher_logits = [
+            permute_to_N_HWA_K(x, self.num_classes)
+            for x in self.teacher.head_logits(teacher_features)
+        ]
+        labels = torch.stack(gt_labels)  # (B, R)
+        positive = (labels >= 0) & (labels != self.num_classes)
+        # image-major rows, the same for logits, boxes and weights (the official code mixes a
+        # level-major logit order with image-major weights when the batch has several images)
+        batch_idx, anchor_idx = positive.nonzero(as_tuple=True)
+        boxes = Boxes.cat(anchors).tensor[anchor_idx]
+        anchor_level = torch.cat(
+            [
+                torch.full((len(a),), i, dtype=torch.long, device=boxes.device)
+                for i, a in enumerate(anchors)
+            ]
+        )
+        levels = (
+            anchor_level[anchor_idx]
+            if self.anchor_own_level
+            else assign_levels(boxes, len(features))
+        )
+        losses, stats = self.distiller(
+            features,
+            teacher_features,
+            boxes,
+            batch_idx,
+            labels[batch_idx, anchor_idx],
+            levels,
+            torch.cat(pred_logits, dim=1)[batch_idx, anchor_idx],
+            torch.cat(teacher_logits, dim=1)[batch_idx, anchor_idx],
+            attenuation=self.attenuation(),
+        )
+        get_event_storage().put_scalars(**stats)
+        return losses

@@ -1,0 +1,215 @@
+"""GKDRetinaNet end to end on the CPU: teacher isolation, prototype refresh, exact resume."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import gkd_d2  # noqa: F401
+from gkd_d2 import add_gkd_config
+from gkd_d2.engine import Trainer, setup_cfg
+from gkd_d2.teacher import TeacherLoadError
+
+TEACHER_CFG = REPO / "tests" / "configs" / "tiny_retinanet.yaml"
+GKD_CFG = REPO / "tests" / "configs" / "tiny_gkd_retinanet.yaml"
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory) -> str:
+    """A tiny teacher's weights (randomly initialised with a fixed seed: the mechanics are
+    under test here, not accuracy)."""
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_file(str(TEACHER_CFG))
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return str(path)
+
+
+def gkd_cfg(out, weights, *opts):
+    return setup_cfg(
+        SimpleNamespace(
+            config_file=str(GKD_CFG),
+            eval_only=False,
+            resume=False,
+            opts=["OUTPUT_DIR", str(out), "MODEL.TEACHER.WEIGHTS", weights, *opts],
+        )
+    )
+
+
+def test_teacher_frozen_untouched_and_outside_student_state(tmp_path, teacher_weights):
+    trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "3"))
+    model, teacher = trainer.model, trainer.model.teacher
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    trainer.train()
+    after = teacher.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    assert not teacher.model.training
+    teacher_ids = {id(p) for p in teacher.model.parameters()}
+    assert not teacher_ids & {id(p) for p in model.parameters()}
+    optimizer_ids = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not teacher_ids & optimizer_ids
+    # the adapters are trained with the student
+    assert {id(p) for p in model.distiller.adapters.parameters()} <= optimizer_ids
+    ckpt = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert not any(k.startswith("teacher") for k in ckpt["model"])
+    assert {
+        "distiller.protos_s",
+        "distiller.protos_t",
+        "distiller.proto_counts",
+        "distiller.bank_iter",
+        "distiller.adapters.0.weight",
+    } <= ckpt["model"].keys()
+    assert ckpt["model"]["distiller.adapters.0.weight"].shape == (
+        64,
+        32,
+        3,
+        3,
+    )  # student 32 -> teacher 64
+    instances = ckpt["trainer"]["hooks"]["PrototypeRefresh"]["instances"]
+    assert len(instances["cls"]) > 0 and instances["box"].shape == (len(instances["cls"]), 4)
+
+
+def test_losses_and_r_statistics_logged(tmp_path, teacher_weights):
+    trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "2"))
+    trainer.train()
+    history = trainer.storage.histories()
+    for key in (
+        "loss_gkd_fg",
+        "loss_gkd_bg",
+        "loss_gkd_soft",
+        "gkd/r_mean",
+        "gkd/r_min",
+        "gkd/r_below_0.5",
+        "gkd/refresh_seconds",
+    ):
+        assert key in history, key
+    r_mean = history["gkd/r_mean"].latest()
+    assert 0.0 <= history["gkd/r_min"].latest() <= r_mean <= 1.0
+    counts = trainer.model.distiller.proto_counts
+    assert (counts > 0).all() and (counts <= 3).all()
+    assert int(trainer.model.distiller.bank_iter) == 0
+
+
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path, python, teacher_weights):
+    """8 iterations in one run == 4, a stop, then --resume for the other 4 (fresh processes, as
+    a user runs them); refreshes at 0, 3 and 6, checkpoints every 4."""
+    from test_train_net import run
+
+    opts = [
+        "MODEL.TEACHER.WEIGHTS",
+        teacher_weights,
+        "SOLVER.MAX_ITER",
+        "8",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "4",
+        "TEST.EVAL_PERIOD",
+        "0",
+    ]
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(python, "train_net.py", "--config-file", str(GKD_CFG), *opts, "OUTPUT_DIR", str(full))
+    log = run(
+        python, "tests/helpers/train_until.py", "4", str(GKD_CFG), *opts, "OUTPUT_DIR", str(split)
+    )
+    assert "stopped before iteration 4" in log
+    assert (split / "last_checkpoint").read_text() == "model_0000003.pth"
+    log = run(
+        python,
+        "train_net.py",
+        "--config-file",
+        str(GKD_CFG),
+        "--resume",
+        *opts,
+        "OUTPUT_DIR",
+        str(split),
+    )
+    assert "Starting training from iteration 4" in log
+
+    a = torch.load(full / "model_final.pth", weights_only=False)
+    b = torch.load(split / "model_final.pth", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert int(b["model"]["distiller.bank_iter"]) == 6
+    ia = a["trainer"]["hooks"]["PrototypeRefresh"]["instances"]
+    ib = b["trainer"]["hooks"]["PrototypeRefresh"]["instances"]
+    assert all(torch.equal(ia[k], ib[k]) for k in ia)
+    ma, mb = (
+        a["trainer"]["_trainer"]["optimizer"]["state"],
+        b["trainer"]["_trainer"]["optimizer"]["state"],
+    )
+    assert all(torch.equal(ma[k]["momentum_buffer"], mb[k]["momentum_buffer"]) for k in ma)
+
+
+def test_missing_teacher_weights_fail_before_training(tmp_path):
+    missing = str(tmp_path / "nope.pth")
+    with pytest.raises(TeacherLoadError, match="nope.pth"):
+        Trainer(gkd_cfg(tmp_path, missing))
+
+
+def test_wrong_key_teacher_checkpoint_fails_before_training(tmp_path, teacher_weights):
+    sd = torch.load(teacher_weights, weights_only=True)["model"]
+    sd["backbone.bogus.weight"] = sd.pop("head.cls_score.weight")
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": sd}, bad)
+    with pytest.raises(
+        TeacherLoadError, match=r"(?s)head\.cls_score\.weight.*backbone\.bogus\.weight"
+    ):
+        Trainer(gkd_cfg(tmp_path, str(bad)))
+
+
+def test_eval_only_runs_the_student_without_teacher(tmp_path, teacher_weights):
+    cfg = gkd_cfg(tmp_path, "")
+    model = Trainer.build_model(cfg)
+    assert model.teacher is None
+    model.eval()
+    with torch.no_grad():
+        out = model(
+            [{"image": torch.zeros(3, 128, 128, dtype=torch.uint8), "height": 128, "width": 128}]
+        )
+    assert "instances" in out[0]
+    model.train()
+    with pytest.raises(RuntimeError, match="without a teacher"):
+        model([{"image": torch.zeros(3, 128, 128, dtype=torch.uint8), "height": 128, "width": 128}])
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs 2 cores")
+def test_two_processes_build_the_same_bank_as_one(tmp_path, python, teacher_weights):
+    from test_train_net import run
+
+    opts = [
+        "SOLVER.MAX_ITER",
+        "1",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "MODEL.TEACHER.WEIGHTS",
+        teacher_weights,
+    ]
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        run(
+            python,
+            "tests/helpers/dist_train.py",
+            str(tmp_path / str(n)),
+            str(n),
+            "--config",
+            str(GKD_CFG),
+            *opts,
+        )
+    one = torch.load(tmp_path / "1" / "rank0.pt", weights_only=False)["buffers"]
+    r0 = torch.load(tmp_path / "2" / "rank0.pt", weights_only=False)["buffers"]
+    r1 = torch.load(tmp_path / "2" / "rank1.pt", weights_only=False)["buffers"]
+    for k in (
+        "distiller.protos_s",
+        "distiller.protos_t",
+        "distiller.proto_counts",
+        "distiller.bank_iter",
+    ):
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-6)
+    assert (one["distiller.proto_counts"] > 0).all()
