@@ -37,7 +37,9 @@ def add_gkd_config(cfg: CN) -> CN:
     g.MAX_IMAGES_PER_CLASS = 800  # images sampled per class (all their qualifying boxes used)
     g.SAMPLE_SEED = 1  # seed of the one-off instance sampling
     g.REFRESH_PERIOD = 0  # iterations between refreshes; 0 = one epoch of the training set
-    g.EXTRACT_BATCH_SIZE = 4  # images per forward during prototype extraction
+    # images per forward during prototype extraction; >1 is faster, but padding to the largest
+    # image of the batch changes features near the borders of smaller ones (official: 1)
+    g.EXTRACT_BATCH_SIZE = 1
     # ---- RDM: robust distillation
     g.ROBUST_WEIGHTS = True  # False: binary fg mask and unweighted soft labels (local-only KD)
     g.CLAMP_R = True  # clamp r to [0, 1] (official: unclamped, practically never matters)

@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import random
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -231,7 +232,9 @@ def setup_cfg(args) -> CfgNode:
         # which rounds differently, so iteration k of a resumed process (or of a second run in
         # one process) would not equal iteration k of the original run. Without fusion CPU
         # training is bitwise reproducible (checked by the resume tests).
-        torch.jit.set_fusion_strategy([("STATIC", 0), ("DYNAMIC", 0)])
+        with warnings.catch_warnings():  # deprecated in favour of torch.compile, still honoured
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.set_fusion_strategy([("STATIC", 0), ("DYNAMIC", 0)])
     if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() == 1:
         logger.info("Training on the CPU with %d torch threads", torch.get_num_threads())
     return cfg

@@ -1,0 +1,34 @@
+"""Every shipped config loads; GKD configs name a resolvable teacher config."""
+
+import pytest
+from conftest import REPO
+from detectron2.config import get_cfg
+
+import gkd_d2  # noqa: F401
+from gkd_d2 import add_gkd_config
+from gkd_d2.teacher import load_teacher_cfg
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_file(str(path))
+    if cfg.MODEL.META_ARCHITECTURE.startswith("GKD"):
+        teacher = load_teacher_cfg(cfg)
+        assert teacher.MODEL.META_ARCHITECTURE == "RetinaNet"
+        assert teacher.MODEL.RETINANET.NUM_CLASSES == cfg.MODEL.RETINANET.NUM_CLASSES
+
+
+def test_paper_protocol_config():
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_file(str(REPO / "configs" / "gkd.yaml"))
+    g = cfg.MODEL.GKD
+    assert (g.NUM_PROTOTYPES, g.ALPHA, g.DENSITY_KERNEL, g.DENSITY_QUANTILE) == (10, 10.0, 0.1, 0.4)
+    assert (g.MIN_BOX_SIZE, g.MAX_IMAGES_PER_CLASS, g.TEMPERATURE) == (30, 800, 2.0)
+    assert (g.FG_WEIGHT, g.BG_WEIGHT, g.SOFT_WEIGHT, g.GLOBAL_WEIGHT) == (1.0, 4.0, 1.0, 0.0)
+    assert g.ATTENUATION and g.NUM_EPOCHS == 24 and g.REFRESH_PERIOD == 0
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.SOLVER.MAX_ITER == 176000
+    assert load_teacher_cfg(cfg).MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
