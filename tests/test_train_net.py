@@ -232,24 +232,46 @@ def test_base_faster_rcnn_config_trains_on_cpu(tmp_path, python):
     assert (tmp_path / "model_final.pth").is_file()
 
 
-def test_demo_prints_ap_table(tmp_path, python):
+def test_demo_prints_teacher_student_gkd_table(tmp_path, python):
     out = run(
         python,
         "tools/demo.py",
-        "--config-file",
-        str(TINY_CONFIG),
-        "SOLVER.MAX_ITER",
-        "1",
-        "OUTPUT_DIR",
+        "--student-iters",
+        "2",
+        "--output",
         str(tmp_path),
+        "--teacher-config",
+        "tests/configs/tiny_retinanet.yaml",
+        "--student-config",
+        "tests/configs/tiny_gkd_retinanet.yaml",
     )
     lines = out.splitlines()
-    head = lines.index("| model | AP | AP50 | AP75 | APs | APm | APl |")
-    assert "evaluated on gkd_scenes_tiny_val" in lines[head - 1]
-    row = lines[head + 2].split("|")
-    values = [float(v) for v in row[2:8]]
-    assert len(row) == 9 and values[1] >= values[0] >= 0  # AP50 >= AP
-    assert row[1].strip() == "RetinaNet R18 (res2 32 ch)"
+    head = lines.index("| model | AP | AP50 | AP75 | APs | APm | APl | minutes |")
+    rows = [line.split("|") for line in lines[head + 2 : head + 5]]
+    assert [r[1].strip() for r in rows] == [
+        "teacher (trained now)",
+        "student alone, 2 it",
+        "GKD student, 2 it",
+    ]
+    for r in rows:
+        values = [float(v) for v in r[2:8]]
+        assert values[1] >= values[0] >= 0 or values[0] != values[0]  # AP50 >= AP (or nan)
+    assert (tmp_path / "tiny_retinanet" / "model_final.pth").is_file()
+    assert (tmp_path / "demo_gkd_student" / "model_final.pth").is_file()
+    # a second run reuses the cached teacher
+    out = run(
+        python,
+        "tools/demo.py",
+        "--student-iters",
+        "1",
+        "--output",
+        str(tmp_path),
+        "--teacher-config",
+        "tests/configs/tiny_retinanet.yaml",
+        "--student-config",
+        "tests/configs/tiny_gkd_retinanet.yaml",
+    )
+    assert "| teacher (cached " in out
 
 
 def test_format_table():
@@ -258,5 +280,7 @@ def test_format_table():
     spec = importlib.util.spec_from_file_location("demo", REPO / "tools" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    table = demo.format_table([("m", {"AP": 12.345, "AP50": 30, "AP75": 1, "APs": 2, "APm": 3})])
-    assert table.splitlines()[2] == "| m | 12.3 | 30.0 | 1.0 | 2.0 | 3.0 | nan |"
+    table = demo.format_table(
+        [("m", {"AP": 12.345, "AP50": 30, "AP75": 1, "APs": 2, "APm": 3}, 1.25)]
+    )
+    assert table.splitlines()[2] == "| m | 12.3 | 30.0 | 1.0 | 2.0 | 3.0 | nan | 1.2 |"

@@ -1,81 +1,133 @@
 #!/usr/bin/env python
-"""`make demo`: train the CPU quickstart detector on the embedded dataset and print its COCO AP.
+"""`make demo`: GKD on the embedded scenes, on the CPU, end to end, with a COCO AP table.
 
-    python tools/demo.py [--config-file CONFIG] [KEY VALUE ...]
+    python tools/demo.py [--student-iters N] [--retrain-teacher] [--teacher-config F]
+                         [--student-config F] [--output DIR]
 
-Runs ``train_net.py``'s main job in this process (train, then evaluate with COCOEvaluator) and
-ends with a short table: the config, the iterations, wall time, and AP / AP50 / AP75 / AP_S /
-AP_M / AP_L on the validation split.
+1. teacher: the CPU quickstart RetinaNet (configs/quickstart_retinanet_cpu.yaml), trained once
+   and reused from output/quickstart_retinanet_cpu/model_final.pth afterwards (evaluated again);
+2. student alone: the quarter-width student of configs/quickstart_gkd_retinanet_cpu.yaml as a
+   plain RetinaNet, N iterations;
+3. GKD student: the same student, the same N iterations, seed and data order, distilled from
+   the teacher with GKD.
+Each stage runs train_net.py in its own process; the table ends the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from detectron2.config import get_cfg  # noqa: E402
-
-import train_net  # noqa: E402
-from gkd_d2 import add_gkd_config  # noqa: E402
-
-DEFAULT_CONFIG = REPO / "configs" / "quickstart_retinanet_cpu.yaml"
 COLUMNS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-def format_table(rows: list[tuple[str, dict]]) -> str:
-    """Markdown table of COCO bbox metrics, one row per (name, metrics dict)."""
-    head = "| model | " + " | ".join(COLUMNS) + " |"
-    sep = "|" + "---|" * (len(COLUMNS) + 1)
-    lines = [head, sep]
-    for name, m in rows:
-        lines.append(
-            f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in COLUMNS) + " |"
-        )
+def format_table(rows: list[tuple[str, dict, float]]) -> str:
+    """Markdown table of COCO bbox metrics, one row per (name, metrics, minutes)."""
+    lines = ["| model | " + " | ".join(COLUMNS) + " | minutes |", "|" + "---|" * (len(COLUMNS) + 2)]
+    for name, m, minutes in rows:
+        cells = " | ".join(f"{m.get(c, float('nan')):.1f}" for c in COLUMNS)
+        lines.append(f"| {name} | {cells} | {minutes:.1f} |")
     return "\n".join(lines)
 
 
-def load_cfg(config_file: str, opts: list[str]):
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    return cfg
+def run_train_net(*argv: str) -> tuple[dict, float]:
+    """Run train_net.py (output streamed through); return its final COCO bbox metrics, parsed
+    from detectron2's 'copypaste' lines, and its wall time in minutes."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "train_net.py", *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    values = None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        if (
+            "copypaste: " in line
+            and line.split("copypaste: ")[1][:1].isdigit()
+            or "copypaste: nan" in line
+        ):
+            values = [float(v) for v in line.split("copypaste: ")[1].strip().split(",")]
+    if proc.wait() != 0:
+        raise SystemExit(f"demo: train_net.py {' '.join(argv)} failed (exit {proc.returncode})")
+    if values is None:
+        raise SystemExit(f"demo: train_net.py {' '.join(argv)} printed no COCO evaluation")
+    return dict(zip(COLUMNS, values)), (time.perf_counter() - start) / 60
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG))
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    parser.add_argument("--student-iters", type=int, default=300)
+    parser.add_argument("--retrain-teacher", action="store_true")
+    parser.add_argument("--teacher-config", default="configs/quickstart_retinanet_cpu.yaml")
+    parser.add_argument("--student-config", default="configs/quickstart_gkd_retinanet_cpu.yaml")
+    parser.add_argument("--output", type=Path, default=REPO / "output", help="folder of all runs")
     ns = parser.parse_args(argv)
-    args = SimpleNamespace(
-        config_file=ns.config_file,
-        opts=ns.opts,
-        eval_only=False,
-        resume=False,
-        num_gpus=1,
-        num_machines=1,
-        machine_rank=0,
-        dist_url="auto",
-    )
     start = time.perf_counter()
-    results = train_net.main(args)
-    minutes = (time.perf_counter() - start) / 60
-    # DefaultTrainer.test() returns {task: metrics} for one test set, {set: {task: ...}} for more
-    metrics = results if "bbox" in results else next(iter(results.values()))
-    cfg = load_cfg(ns.config_file, ns.opts)
-    model = f"{cfg.MODEL.META_ARCHITECTURE} R{cfg.MODEL.RESNETS.DEPTH} "
-    model += f"(res2 {cfg.MODEL.RESNETS.RES2_OUT_CHANNELS} ch)"
-    print(
-        f"\ngkd_d2 demo: {Path(ns.config_file).name}, {cfg.SOLVER.MAX_ITER} iterations "
-        f"from scratch, evaluated on {cfg.DATASETS.TEST[0]}, "
-        f"{minutes:.1f} min in total (train + eval)"
+    teacher_dir = ns.output / Path(ns.teacher_config).stem
+    weights = teacher_dir / "model_final.pth"
+
+    rows = []
+    if ns.retrain_teacher or not weights.is_file():
+        metrics, minutes = run_train_net(
+            "--config-file", ns.teacher_config, "OUTPUT_DIR", str(teacher_dir)
+        )
+        rows.append(("teacher (trained now)", metrics, minutes))
+    else:
+        metrics, minutes = run_train_net(
+            "--config-file",
+            ns.teacher_config,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(weights),
+            "OUTPUT_DIR",
+            str(ns.output / "demo_teacher_eval"),
+        )
+        rows.append((f"teacher (cached {weights.relative_to(ns.output.parent)})", metrics, minutes))
+
+    n = ns.student_iters
+    drop = int(n * 0.8)  # x0.1 at 80 %, as in the quickstart config
+    schedule = [
+        "SOLVER.MAX_ITER",
+        str(n),
+        "SOLVER.STEPS",
+        f"({drop},)" if 0 < drop < n else "()",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(n),
+    ]
+    metrics, minutes = run_train_net(
+        "--config-file",
+        ns.student_config,
+        "MODEL.META_ARCHITECTURE",
+        "RetinaNet",
+        *schedule,
+        "OUTPUT_DIR",
+        str(ns.output / "demo_student_alone"),
     )
-    print(format_table([(model, metrics["bbox"])]))
+    rows.append((f"student alone, {n} it", metrics, minutes))
+    metrics, minutes = run_train_net(
+        "--config-file",
+        ns.student_config,
+        "MODEL.TEACHER.WEIGHTS",
+        str(weights),
+        *schedule,
+        "OUTPUT_DIR",
+        str(ns.output / "demo_gkd_student"),
+    )
+    rows.append((f"GKD student, {n} it", metrics, minutes))
+
+    total = (time.perf_counter() - start) / 60
+    print(
+        f"\ngkd_d2 demo: teacher {ns.teacher_config}, student {ns.student_config}; "
+        f"{total:.1f} min in total"
+    )
+    print(format_table(rows))
     return 0
 
 

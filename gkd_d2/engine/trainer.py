@@ -25,6 +25,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_gkd_config
 from .prototype_refresh import PrototypeRefresh
@@ -67,14 +68,22 @@ class ResumableTrainingSampler(TrainingSampler):
 
 
 def train_dataset_dicts(cfg: CfgNode) -> list[dict]:
-    """The training set as the loader sees it (detectron2's filtering)."""
+    """The training set as the loader sees it (detectron2's filtering); loaded once per process."""
+    return _train_dataset_dicts(
+        tuple(cfg.DATASETS.TRAIN),
+        cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        tuple(cfg.DATASETS.PROPOSAL_FILES_TRAIN) if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _train_dataset_dicts(names, filter_empty, min_keypoints, proposal_files) -> list[dict]:
     return get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-        if cfg.MODEL.KEYPOINT_ON
-        else 0,
-        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        list(names),
+        filter_empty=filter_empty,
+        min_keypoints=min_keypoints,
+        proposal_files=list(proposal_files) if proposal_files else None,
     )
 
 
@@ -223,6 +232,8 @@ def setup_cfg(args) -> CfgNode:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # detectron2 sets up only its own loggers; gkd_d2's (PGM progress, teacher) go to the same log
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gkd_d2", abbrev_name="gkd")
     if cpu_fallback:
         logger.warning("No CUDA device: MODEL.DEVICE set to 'cpu'")
     if cfg.NUM_THREADS > 0:
