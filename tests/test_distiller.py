@@ -1,0 +1,100 @@
+"""GKDDistiller: the prototype bank and the combined losses."""
+
+import torch
+
+from gkd_d2.distill import soft_label_kl
+from gkd_d2.modeling import GKDDistiller
+
+
+def make_distiller(**kw):
+    args = dict(
+        strides=[8, 16],
+        student_channels=4,
+        teacher_channels=4,
+        num_classes=3,
+        num_prototypes=2,
+        global_weight=5.0,
+    )
+    args.update(kw)
+    return GKDDistiller(**args)
+
+
+def identity_adapters(d):
+    with torch.no_grad():
+        for conv in d.adapters:
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for c in range(conv.weight.shape[0]):
+                conv.weight[c, c, 1, 1] = 1.0
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 4, 4, generator=g)]
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [30.0, 8.0, 60.0, 40.0], [8.0, 8.0, 16.0, 30.0]])
+    return feats, boxes, torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), torch.tensor([0, 1, 0])
+
+
+def test_bank_round_trip_and_blocks():
+    d = make_distiller()
+    d.set_bank(0, 0, torch.ones(2, 4), 2 * torch.ones(2, 4))
+    d.set_bank(0, 2, 3 * torch.ones(1, 4), 4 * torch.ones(1, 4))
+    ps, pt, starts = d.bank(0)
+    assert starts.tolist() == [0, 2, 2, 3]
+    assert ps[:, 0].tolist() == [1.0, 1.0, 3.0] and pt[:, 0].tolist() == [2.0, 2.0, 4.0]
+    assert d.bank(1)[0].shape == (0, 4)
+    d.set_bank(0, 0, 5 * torch.ones(1, 4), 6 * torch.ones(1, 4))  # fewer than before: no stale row
+    assert d.bank(0)[2].tolist() == [0, 1, 1, 2] and d.protos_s[0, 0, 1].abs().sum() == 0
+    state = d.state_dict()
+    other = make_distiller()
+    other.load_state_dict(state)
+    assert torch.equal(other.bank(0)[0], d.bank(0)[0])
+
+
+def test_all_losses_zero_when_student_equals_teacher():
+    d = make_distiller()
+    identity_adapters(d)
+    feats, boxes, bidx, classes, levels = batch()
+    for lvl in range(2):  # equal models have equal prototypes
+        for c in range(3):
+            protos = torch.randn(2, 4)
+            d.set_bank(lvl, c, protos, protos.clone())
+    logits = torch.randn(3, 3)
+    losses, stats = d(feats, feats, boxes, bidx, classes, levels, logits, logits.clone())
+    assert set(losses) == {"loss_gkd_fg", "loss_gkd_bg", "loss_gkd_soft", "loss_gkd_global"}
+    for k, v in losses.items():
+        assert abs(v.item()) < 1e-6, k
+    assert stats["gkd/r_min"] == stats["gkd/r_mean"] == 1.0  # nothing to distrust
+
+
+def test_losses_positive_and_soft_term_uses_r_weights():
+    d = make_distiller(global_weight=0.0)
+    feats, boxes, bidx, classes, levels = batch()
+    teacher = [f + 0.5 for f in feats]
+    for lvl in range(2):
+        for c in range(3):
+            d.set_bank(lvl, c, torch.randn(2, 4), torch.randn(2, 4))
+    zs, zt = torch.randn(3, 3), torch.randn(3, 3)
+    losses, _ = d(feats, teacher, boxes, bidx, classes, levels, zs, zt, attenuation=0.5)
+    assert "loss_gkd_global" not in losses
+    assert losses["loss_gkd_fg"] > 0 and losses["loss_gkd_bg"] > 0
+    # r at each instance's own level, as the distiller computes it, weights the KL
+    from gkd_d2.distill import box_crop_mean, robustness_weights
+
+    r = torch.stack(
+        [
+            robustness_weights(
+                box_crop_mean(feats[lvl], boxes, bidx, s),
+                box_crop_mean(teacher[lvl], boxes, bidx, s),
+                *d.bank(lvl),
+                classes,
+            )
+            for lvl, s in enumerate([8, 16])
+        ]
+    )[levels, torch.arange(3)]
+    torch.testing.assert_close(losses["loss_gkd_soft"], soft_label_kl(zs, zt, r, 2.0))
+    # the local-only baseline: unweighted soft labels
+    base = make_distiller(global_weight=0.0, robust=False)
+    base.load_state_dict(d.state_dict())
+    losses_b, _ = base(feats, teacher, boxes, bidx, classes, levels, zs, zt)
+    torch.testing.assert_close(losses_b["loss_gkd_soft"], soft_label_kl(zs, zt, torch.ones(3), 2.0))
