@@ -81,17 +81,14 @@ def test_losses_positive_and_soft_term_uses_r_weights():
     # r at each instance's own level, as the distiller computes it, weights the KL
     from gkd_d2.distill import box_crop_mean, robustness_weights
 
-    r = torch.stack(
-        [
-            robustness_weights(
-                box_crop_mean(feats[lvl], boxes, bidx, s),
-                box_crop_mean(teacher[lvl], boxes, bidx, s),
-                *d.bank(lvl),
-                classes,
-            )
-            for lvl, s in enumerate([8, 16])
-        ]
-    )[levels, torch.arange(3)]
+    r_levels = []
+    for lvl, stride in enumerate([8, 16]):
+        ps, pt, starts = d.bank(lvl)
+        s_feat = box_crop_mean(feats[lvl], boxes, bidx, stride)
+        t_feat = box_crop_mean(teacher[lvl], boxes, bidx, stride)
+        r_levels.append(robustness_weights(s_feat, t_feat, ps, pt, classes, starts))
+    r = torch.stack(r_levels)[levels, torch.arange(3)]
+    assert (r < 1).any()  # a real weighting, not all ones
     torch.testing.assert_close(losses["loss_gkd_soft"], soft_label_kl(zs, zt, r, 2.0))
     # the local-only baseline: unweighted soft labels
     base = make_distiller(global_weight=0.0, robust=False)
