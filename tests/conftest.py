@@ -10,6 +10,18 @@ os.environ["DETECTRON2_DATASETS"] = str(REPO / ".cache" / "test-datasets")
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny_retinanet.yaml"
 
 
+def setup_test_cfg(config_file, *opts):
+    """train_net's config set-up (setup_cfg) for ``config_file`` with KEY VALUE overrides."""
+    from types import SimpleNamespace
+
+    from gkd_d2.engine import setup_cfg
+
+    args = SimpleNamespace(
+        config_file=str(config_file), eval_only=False, resume=False, opts=list(opts)
+    )
+    return setup_cfg(args)
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -1,17 +1,16 @@
 """GKDRetinaNet end to end on the CPU: teacher isolation, prototype refresh, exact resume."""
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, setup_test_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import gkd_d2  # noqa: F401
 from gkd_d2 import add_gkd_config
-from gkd_d2.engine import Trainer, setup_cfg
+from gkd_d2.engine import Trainer
 from gkd_d2.teacher import TeacherLoadError
 
 TEACHER_CFG = REPO / "tests" / "configs" / "tiny_retinanet.yaml"
@@ -31,14 +30,7 @@ def teacher_weights(tmp_path_factory) -> str:
 
 
 def gkd_cfg(out, weights, *opts):
-    return setup_cfg(
-        SimpleNamespace(
-            config_file=str(GKD_CFG),
-            eval_only=False,
-            resume=False,
-            opts=["OUTPUT_DIR", str(out), "MODEL.TEACHER.WEIGHTS", weights, *opts],
-        )
-    )
+    return setup_test_cfg(GKD_CFG, "OUTPUT_DIR", str(out), "MODEL.TEACHER.WEIGHTS", weights, *opts)
 
 
 def test_teacher_frozen_untouched_and_outside_student_state(tmp_path, teacher_weights):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, setup_test_cfg
 
 
 def run(python, *argv, timeout=600):
@@ -48,16 +48,9 @@ def trained(tmp_path_factory, python):
 
 
 def test_trainer_returns_final_evaluation(tmp_path):
-    from gkd_d2.engine import Trainer, setup_cfg
+    from gkd_d2.engine import Trainer
 
-    cfg = setup_cfg(
-        SimpleNamespace(
-            config_file=str(TINY_CONFIG),
-            eval_only=False,
-            resume=False,
-            opts=["OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "1"],
-        )
-    )
+    cfg = setup_test_cfg(TINY_CONFIG, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "1")
     results = Trainer(cfg).train()
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert 0.0 <= results["bbox"]["AP50"] <= 100.0
@@ -189,16 +182,9 @@ def test_evaluator_by_dataset_type_and_clear_error(tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
-    from gkd_d2.engine import Trainer, setup_cfg
+    from gkd_d2.engine import Trainer
 
-    cfg = setup_cfg(
-        SimpleNamespace(
-            config_file=str(TINY_CONFIG),
-            eval_only=False,
-            resume=False,
-            opts=["OUTPUT_DIR", str(tmp_path)],
-        )
-    )
+    cfg = setup_test_cfg(TINY_CONFIG, "OUTPUT_DIR", str(tmp_path))
     assert isinstance(Trainer.build_evaluator(cfg, "gkd_scenes_tiny_val"), COCOEvaluator)
     assert isinstance(Trainer.build_evaluator(cfg, "voc_2007_test"), PascalVOCDetectionEvaluator)
     DatasetCatalog.register("untyped_set", list)
