@@ -219,18 +219,15 @@ def test_base_faster_rcnn_config_trains_on_cpu(tmp_path, python):
 
 
 def test_demo_prints_teacher_student_gkd_table(tmp_path, python):
-    out = run(
-        python,
-        "tools/demo.py",
-        "--student-iters",
-        "2",
+    tiny = [
         "--output",
         str(tmp_path),
         "--teacher-config",
         "tests/configs/tiny_retinanet.yaml",
         "--student-config",
         "tests/configs/tiny_gkd_retinanet.yaml",
-    )
+    ]
+    out = run(python, "tools/demo.py", "--student-iters", "2", *tiny)
     lines = out.splitlines()
     head = lines.index("| model | AP | AP50 | AP75 | APs | APm | APl | minutes |")
     rows = [line.split("|") for line in lines[head + 2 : head + 5]]
@@ -245,18 +242,7 @@ def test_demo_prints_teacher_student_gkd_table(tmp_path, python):
     assert (tmp_path / "tiny_retinanet" / "model_final.pth").is_file()
     assert (tmp_path / "demo_gkd_student" / "model_final.pth").is_file()
     # a second run reuses the cached teacher
-    out = run(
-        python,
-        "tools/demo.py",
-        "--student-iters",
-        "1",
-        "--output",
-        str(tmp_path),
-        "--teacher-config",
-        "tests/configs/tiny_retinanet.yaml",
-        "--student-config",
-        "tests/configs/tiny_gkd_retinanet.yaml",
-    )
+    out = run(python, "tools/demo.py", "--student-iters", "1", *tiny)
     assert "| teacher (cached " in out
 
 
