@@ -205,3 +205,50 @@ def test_two_processes_build_the_same_bank_as_one(tmp_path, python, teacher_weig
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-6)
     assert (one["distiller.proto_counts"] > 0).all()
+
+
+def test_batch_of_two_gives_the_rows_and_soft_loss_of_each_image_alone(tmp_path, teacher_weights):
+    """Positive-anchor rows (boxes, classes, student and teacher logits, weights) of a batch of
+    2 are image 0's rows then image 1's, so the soft-label KL of the batch is the row-weighted
+    mean of the per-image ones (the official code misaligns logits and weights here)."""
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.data.detection_utils import annotations_to_instances
+    from detectron2.utils.events import EventStorage
+
+    trainer = Trainer(gkd_cfg(tmp_path, teacher_weights))
+    model = trainer.model
+    model.attenuation_schedule = None
+    for m in model.modules():  # per-image features: BN on running statistics
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    mapper = DatasetMapper(trainer.cfg, is_train=False)
+    dicts = DatasetCatalog.get("gkd_scenes_tiny_train")[:2]
+    inputs = []
+    for d in dicts:
+        x = mapper(dict(d))  # 128 px images: no resize, the boxes stay as annotated
+        x["instances"] = annotations_to_instances(d["annotations"], (128, 128))
+        inputs.append(x)
+    captured = []
+    original = model.distiller.forward
+
+    def capture(*args, **kwargs):
+        captured.append(args)
+        return original(*args, **kwargs)
+
+    model.distiller.forward = capture
+    with EventStorage(0), torch.no_grad():
+        both = model(inputs)
+        model(inputs[:1])
+        model(inputs[1:])
+    pair, one, two = captured
+    # args: feats_s, feats_t, boxes, batch_idx, classes, levels, logits_s, logits_t
+    for k in (2, 4, 5, 6, 7):
+        torch.testing.assert_close(pair[k], torch.cat([one[k], two[k]]), rtol=1e-5, atol=1e-5)
+    assert pair[3].tolist() == [0] * len(one[3]) + [1] * len(two[3])
+    n1, n2 = len(one[3]), len(two[3])
+    assert n1 > 0 and n2 > 0
+    losses_1 = model.distiller(*one)[0]["loss_gkd_soft"]
+    losses_2 = model.distiller(*two)[0]["loss_gkd_soft"]
+    torch.testing.assert_close(
+        both["loss_gkd_soft"], (n1 * losses_1 + n2 * losses_2) / (n1 + n2), rtol=1e-5, atol=1e-7
+    )
