@@ -252,3 +252,12 @@ def test_batch_of_two_gives_the_rows_and_soft_loss_of_each_image_alone(tmp_path,
     torch.testing.assert_close(
         both["loss_gkd_soft"], (n1 * losses_1 + n2 * losses_2) / (n1 + n2), rtol=1e-5, atol=1e-7
     )
+
+
+def test_no_qualifying_instance_trains_with_r_one(tmp_path, teacher_weights):
+    trainer = Trainer(
+        gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "1", "MODEL.GKD.MIN_BOX_SIZE", "1000")
+    )
+    trainer.train()
+    assert int(trainer.model.distiller.proto_counts.sum()) == 0
+    assert trainer.storage.histories()["gkd/r_mean"].latest() == 1.0

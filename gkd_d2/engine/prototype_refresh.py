@@ -208,6 +208,13 @@ class PrototypeRefresh(HookBase):
                 g.SAMPLE_SEED,
             )
         inst = self.instances
+        if len(inst["cls"]) == 0:
+            logger.warning(
+                f"PGM: no training box is larger than {g.MIN_BOX_SIZE} px: no prototypes, every "
+                "instance gets r = 1 (unweighted knowledge)"
+            )
+            distiller.bank_iter.fill_(iteration)
+            return
         images = sorted(set(inst["image"].tolist()))
         shard = images[comm.get_rank() :: comm.get_world_size()]
         names = list(model.head_in_features)

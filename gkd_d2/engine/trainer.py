@@ -22,7 +22,6 @@ from detectron2.data import (
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
-from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -148,13 +147,8 @@ class Trainer(DefaultTrainer):
             refresh = PrototypeRefresh(
                 self.cfg, train_dataset_dicts(self.cfg), self.epoch_length(self.cfg)
             )
-            # before the checkpointer, so that a checkpoint holds the bank it trained with
-            # (only the main process has one)
-            at = next(
-                (i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicCheckpointer)),
-                len(ret),
-            )
-            ret.insert(at, refresh)
+            # first, so that IterationTimer does not count a refresh as iteration time
+            ret.insert(0, refresh)
         return ret
 
     @classmethod
