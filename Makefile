@@ -1,4 +1,4 @@
-# gkd_d2: `make demo` runs the main job, `make test` runs the test suite. Both set up everything
+# gkd_d2: `make demo` runs the main job (GKD demo), `make test` runs the test suite. Both set up everything
 # they need first (a virtualenv in .venv/, the pinned stack, patched detectron2, this package);
 # the set-up is skipped when its inputs have not changed since the last run.
 PYTHON ?= python3
