@@ -97,6 +97,10 @@ def extract_instance_features(
         ids: (n,) int64 row indices into ``instances`` of the instances covered;
         feats: per level, (n, C) float32 CPU tensors, rows in the order of ``ids``.
     """
+    # rows of each image, grouped once (a scan of all instances per image is O(images x N))
+    order = torch.argsort(instances["image"], stable=True)
+    images_sorted, counts = torch.unique_consecutive(instances["image"][order], return_counts=True)
+    rows_of = dict(zip(images_sorted.tolist(), order.split(counts.tolist())))
     ids_out: list[Tensor] = []
     feats_out: list[list[Tensor]] = [[] for _ in level_names]
     start, last_log = time.perf_counter(), time.perf_counter()
@@ -106,7 +110,7 @@ def extract_instance_features(
         feats, images = forward(inputs)
         boxes, batch_idx, rows = [], [], []
         for j, (i, inp) in enumerate(zip(chunk, inputs)):
-            sel = torch.nonzero(instances["image"] == i).flatten()
+            sel = rows_of[i]
             h, w = images.image_sizes[j]
             scale = torch.tensor([w / inp["width"], h / inp["height"]] * 2)
             boxes.append(instances["box"][sel] * scale)
@@ -172,8 +176,9 @@ class PrototypeRefresh(HookBase):
     that produced the bank it loaded.
     """
 
-    def __init__(self, cfg, dataset_dicts: list[dict], period: int):
+    def __init__(self, cfg, dataset_dicts: list[dict], period: int, model: torch.nn.Module):
         self.cfg = cfg
+        self.model = model  # the GKD model itself, not its DDP wrapper
         self.dataset_dicts = dataset_dicts
         self.period = period
         self.instances: dict[str, Tensor] | None = None
@@ -181,21 +186,17 @@ class PrototypeRefresh(HookBase):
         self._mapper = DatasetMapper(cfg, is_train=False)
         self.images_forwarded = 0  # per refresh, by this process (both models counted once)
 
-    def _model(self):
-        model = self.trainer.model
-        return model.module if hasattr(model, "module") else model
-
     def _inputs_of(self, index: int) -> dict:
         return self._mapper(dict(self.dataset_dicts[index]))
 
     def before_step(self) -> None:
         it = self.trainer.iter
-        if it % self.period == 0 and int(self._model().distiller.bank_iter) != it:
+        if it % self.period == 0 and int(self.model.distiller.bank_iter) != it:
             self.refresh(it)
 
     def refresh(self, iteration: int) -> None:
         g = self.cfg.MODEL.GKD
-        model = self._model()
+        model = self.model
         distiller = model.distiller
         num_classes, num_levels = distiller.protos_s.shape[1], distiller.protos_s.shape[0]
         start = time.perf_counter()

@@ -143,9 +143,10 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self) -> list:
         ret = super().build_hooks()
-        if hasattr(_unwrap(self.model), "distiller"):
+        model = _unwrap(self.model)
+        if hasattr(model, "distiller"):
             refresh = PrototypeRefresh(
-                self.cfg, train_dataset_dicts(self.cfg), self.epoch_length(self.cfg)
+                self.cfg, train_dataset_dicts(self.cfg), self.epoch_length(self.cfg), model
             )
             # first, so that IterationTimer does not count a refresh as iteration time
             ret.insert(0, refresh)
