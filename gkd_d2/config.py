@@ -50,7 +50,13 @@ def add_gkd_config(cfg: CN) -> CN:
     g.GLOBAL_WEIGHT = 0.0  # explicit global loss (official factor 5 when enabled); 0 = off
     g.ATTENUATION = True  # a(e) = 1 - e / NUM_EPOCHS on the feature and global terms
     g.NUM_EPOCHS = 0  # epochs of the schedule for a(e); 0 = MAX_ITER / REFRESH_PERIOD
-    g.LEVEL_REDUCTION = "sum"  # "sum" (official one-stage) or "mean" over FPN levels
+    # "sum" or "mean" of the per-level feature losses; "auto" = the official choice of each
+    # detector: sum for RetinaNet (one-stage code path), mean for Faster R-CNN
+    g.LEVEL_REDUCTION = "auto"
+    # Terms of other distillation methods added to GKD's (gkd_d2.modeling.DISTILL_LOSS_REGISTRY),
+    # e.g. ["FeatureMSE"] (FitNet-style MSE on every FPN cell), one weight each.
+    g.EXTRA_LOSSES = []
+    g.EXTRA_LOSS_WEIGHTS = []
     # RetinaNet: assign each positive anchor to the level it comes from (recommended) rather
     # than the official box-size rule, which maps P4 anchors of 64-101 px to P3.
     g.ANCHOR_OWN_LEVEL = True

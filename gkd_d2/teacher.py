@@ -18,7 +18,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.model_zoo import get_config_file
 from detectron2.modeling import build_model
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
@@ -240,6 +240,25 @@ class FrozenTeacher:
         """
         self.model.eval()
         return self.model.head(features)[0]
+
+    @torch.no_grad()
+    def roi_logits(self, features: dict[str, Tensor], boxes: list[Boxes]) -> tuple[Tensor, Tensor]:
+        """Box-head classification logits and mean RoI features of a Faster R-CNN teacher on
+        given boxes (the student's positive proposals), from the teacher's own FPN.
+
+        Args:
+            features: the teacher backbone's feature dict (:meth:`features`).
+            boxes: per image, the (n_i) boxes in input pixels.
+
+        Returns:
+            logits: (N, K + 1), N = sum n_i, image-major (background last);
+            pooled: (N, C) the box pooler's output averaged over its grid.
+        """
+        self.model.eval()
+        heads = self.model.roi_heads
+        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+        logits = heads.box_predictor(heads.box_head(pooled))[0]
+        return logits, pooled.mean(dim=(2, 3))
 
     def to(self, device: torch.device | str) -> FrozenTeacher:
         """Move the model to ``device``; return self."""

@@ -8,18 +8,25 @@ import gkd_d2  # noqa: F401
 from gkd_d2 import add_gkd_config
 from gkd_d2.teacher import load_teacher_cfg
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize(
+    "path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS]
+)
 def test_config_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = add_gkd_config(get_cfg())
     cfg.merge_from_file(str(path))
-    if cfg.MODEL.META_ARCHITECTURE.startswith("GKD"):
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch.startswith("GKD"):
         teacher = load_teacher_cfg(cfg)
-        assert teacher.MODEL.META_ARCHITECTURE == "RetinaNet"
-        assert teacher.MODEL.RETINANET.NUM_CLASSES == cfg.MODEL.RETINANET.NUM_CLASSES
+        if arch == "GKDRetinaNet":
+            assert teacher.MODEL.META_ARCHITECTURE == "RetinaNet"
+            assert teacher.MODEL.RETINANET.NUM_CLASSES == cfg.MODEL.RETINANET.NUM_CLASSES
+        else:
+            assert arch == "GKDRCNN" and teacher.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+            assert teacher.MODEL.ROI_HEADS.NUM_CLASSES == cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
 def test_paper_protocol_config():

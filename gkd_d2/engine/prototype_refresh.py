@@ -218,7 +218,7 @@ class PrototypeRefresh(HookBase):
             return
         images = sorted(set(inst["image"].tolist()))
         shard = images[comm.get_rank() :: comm.get_world_size()]
-        names = list(model.head_in_features)
+        names = list(model.distill_in_features)
         strides = distiller.strides
 
         def student_forward(inputs):
@@ -246,7 +246,7 @@ class PrototypeRefresh(HookBase):
                         self._inputs_of,
                         inst,
                         shard,
-                        list(teacher.model.head_in_features),
+                        names,
                         strides,
                         g.EXTRACT_BATCH_SIZE,
                         "teacher",

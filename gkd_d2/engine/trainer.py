@@ -66,6 +66,29 @@ class ResumableTrainingSampler(TrainingSampler):
         yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
+def torch_rng_neutral(iterable) -> Iterator:
+    """Iterate ``iterable`` leaving torch's global RNG as it was before each item.
+
+    A torch DataLoader draws its base seed from torch's RNG when its iterator starts, which for
+    detectron2's aspect-grouped loader is at the first batch of a process: a resumed run would
+    draw it at its first iteration and shift every later torch draw (Faster R-CNN samples
+    anchors and RoIs with torch.randperm). Keeping data loading off torch's RNG makes the
+    training step see the same torch RNG in an uninterrupted and a resumed run.
+    """
+    it = None
+    while True:
+        state = torch.get_rng_state()
+        try:
+            if it is None:
+                it = iter(iterable)
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            torch.set_rng_state(state)
+        yield item
+
+
 def train_dataset_dicts(cfg: CfgNode) -> list[dict]:
     """The training set as the loader sees it (detectron2's filtering); loaded once per process."""
     return _train_dataset_dicts(
@@ -116,6 +139,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         with _ddp_without_device_ids(cfg):
             super().__init__(cfg)
+        self._trainer._data_loader_iter = torch_rng_neutral(self._trainer.data_loader)
         model = _unwrap(self.model)
         if hasattr(model, "attach_teacher"):
             from ..teacher import build_teacher
@@ -144,7 +168,8 @@ class Trainer(DefaultTrainer):
     def build_hooks(self) -> list:
         ret = super().build_hooks()
         model = _unwrap(self.model)
-        if hasattr(model, "distiller"):
+        if hasattr(model, "distiller") and model.distiller.needs_prototypes:
+            # (the local-only baseline, ROBUST_WEIGHTS False without a global loss, needs none)
             refresh = PrototypeRefresh(
                 self.cfg, train_dataset_dicts(self.cfg), self.epoch_length(self.cfg), model
             )
@@ -168,7 +193,7 @@ class Trainer(DefaultTrainer):
             # continue the data stream where the checkpointed run left it
             loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
             self._trainer.data_loader = loader
-            self._trainer._data_loader_iter = iter(loader)
+            self._trainer._data_loader_iter = torch_rng_neutral(loader)
 
     def train(self) -> dict | None:
         """Train; return the final evaluation results (detectron2 0.6 returns them only when

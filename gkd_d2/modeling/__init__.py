@@ -5,11 +5,19 @@ from .backbone import (
     build_basic_resnet_fpn_backbone,
     build_retinanet_basic_resnet_fpn_backbone,
 )
+from .distilled_detector import DistilledDetector
 from .distiller import GKDDistiller
+from .extra_losses import DISTILL_LOSS_REGISTRY, DistillInputs, FeatureMSE
+from .gkd_rcnn import GKDRCNN
 from .gkd_retinanet import GKDRetinaNet
 
 __all__ = [
+    "DISTILL_LOSS_REGISTRY",
+    "DistillInputs",
+    "DistilledDetector",
+    "FeatureMSE",
     "GKDDistiller",
+    "GKDRCNN",
     "GKDRetinaNet",
     "build_basic_resnet",
     "build_basic_resnet_fpn_backbone",

@@ -19,6 +19,7 @@ from ..distill import (
     robustness_weights,
     soft_label_kl,
 )
+from .extra_losses import DistillInputs, build_extra_losses
 
 
 class GKDDistiller(nn.Module):
@@ -46,6 +47,8 @@ class GKDDistiller(nn.Module):
         soft_weight: float = 1.0,
         global_weight: float = 0.0,
         level_reduction: str = "sum",
+        extra_terms: nn.ModuleList | None = None,
+        extra_weights: list[float] | None = None,
     ):
         super().__init__()
         if level_reduction not in ("sum", "mean"):
@@ -66,6 +69,14 @@ class GKDDistiller(nn.Module):
         self.fg_weight, self.bg_weight = fg_weight, bg_weight
         self.soft_weight, self.global_weight = soft_weight, global_weight
         self.level_reduction = level_reduction
+        # terms of other methods combined with GKD (MODEL.GKD.EXTRA_LOSSES)
+        self.extra_terms = extra_terms if extra_terms is not None else nn.ModuleList()
+        self.extra_weights = list(extra_weights or [1.0] * len(self.extra_terms))
+        if len(self.extra_weights) != len(self.extra_terms):
+            raise ValueError(
+                f"GKD distiller: {len(self.extra_terms)} extra terms, "
+                f"{len(self.extra_weights)} weights"
+            )
 
     @classmethod
     def from_config(
@@ -75,8 +86,18 @@ class GKDDistiller(nn.Module):
         student_channels: int,
         teacher_channels: int,
         num_classes: int,
+        level_reduction: str,
     ) -> GKDDistiller:
+        """The distiller of ``MODEL.GKD.*``; ``level_reduction`` is the detector's resolved
+        ``LEVEL_REDUCTION`` ("auto" is "sum" for one-stage, "mean" for two-stage detectors)."""
         g = cfg.MODEL.GKD
+        extra_terms, extra_weights = build_extra_losses(
+            cfg,
+            strides=strides,
+            student_channels=student_channels,
+            teacher_channels=teacher_channels,
+            level_reduction=level_reduction,
+        )
         return cls(
             strides=strides,
             student_channels=student_channels,
@@ -90,7 +111,9 @@ class GKDDistiller(nn.Module):
             bg_weight=g.BG_WEIGHT,
             soft_weight=g.SOFT_WEIGHT,
             global_weight=g.GLOBAL_WEIGHT,
-            level_reduction=g.LEVEL_REDUCTION,
+            level_reduction=level_reduction,
+            extra_terms=extra_terms,
+            extra_weights=extra_weights,
         )
 
     # ---- the bank ------------------------------------------------------------------------------
@@ -112,6 +135,32 @@ class GKDDistiller(nn.Module):
         starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return self.protos_s[level][valid], self.protos_t[level][valid], starts
 
+    @property
+    def needs_prototypes(self) -> bool:
+        """False for the local-only baseline (no r, no global loss): no PGM needed."""
+        return self.robust or self.global_weight > 0
+
+    def robustness_at(
+        self, feats_s: Tensor, feats_t: Tensor, classes: Tensor, levels: Tensor
+    ) -> Tensor:
+        """r of N instance descriptors, each against the prototypes of its own level.
+
+        Args:
+            feats_s, feats_t: (N, C_S), (N, C_T) raw student / teacher descriptors.
+            classes, levels: (N,) class and level index of each.
+
+        Returns:
+            (N,) detached robustness weights.
+        """
+        r = feats_s.new_ones(len(classes))
+        for lvl in torch.unique(levels).tolist():
+            sel = levels == lvl
+            ps, pt, starts = self.bank(lvl)
+            r[sel] = robustness_weights(
+                feats_s[sel], feats_t[sel], ps, pt, classes[sel], starts, clamp=self.clamp_r
+            )
+        return r.detach()
+
     # ---- the losses ----------------------------------------------------------------------------
     def forward(
         self,
@@ -124,6 +173,7 @@ class GKDDistiller(nn.Module):
         student_logits: Tensor,
         teacher_logits: Tensor,
         attenuation: float = 1.0,
+        soft_descriptors: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Distillation losses of one batch.
 
@@ -133,68 +183,119 @@ class GKDDistiller(nn.Module):
             batch_idx, classes, levels: (N,) image, class and assigned level of each instance.
             student_logits, teacher_logits: (N, K') classification logits of the same instances.
             attenuation: a(e), applied to the feature and global terms (not to soft labels).
+            soft_descriptors: optional (N, C_S) student, (N, C_T) teacher descriptors and (N,)
+                level indices from which the soft-label r is computed (Faster R-CNN: the RoI
+                features averaged over the pooled grid, at the pooler's level); default: the
+                box-crop r at the instance's own level, as for the feature mask.
 
         Returns:
-            losses: ``loss_gkd_fg``, ``loss_gkd_bg``, ``loss_gkd_soft`` and, with a global
-            weight, ``loss_gkd_global``; stats: r mean / min / fraction below 0.5 (floats).
+            losses: ``loss_gkd_fg``, ``loss_gkd_bg``, ``loss_gkd_soft``, ``loss_gkd_global``
+            and the extra terms' losses, each only when its weight is not 0; stats: r mean /
+            min / fraction below 0.5 (when r is computed) and the instance count (floats).
         """
-        L = len(self.strides)
+        L, N = len(self.strides), len(boxes)
         if len(student_feats) != L or len(teacher_feats) != L:
             raise ValueError(
                 f"GKD distiller: {len(student_feats)} student and {len(teacher_feats)} teacher "
                 f"FPN levels, configured for {L}"
             )
-        # robustness of every instance at every level, from the raw (un-adapted) maps
-        r_all, pooled = [], []
-        for lvl in range(L):
-            s = box_crop_mean(student_feats[lvl], boxes, batch_idx, self.strides[lvl])
-            with torch.no_grad():
-                t = box_crop_mean(teacher_feats[lvl], boxes, batch_idx, self.strides[lvl])
-            ps, pt, starts = self.bank(lvl)
-            r_all.append(robustness_weights(s, t, ps, pt, classes, starts, clamp=self.clamp_r))
-            pooled.append((s, t, ps, pt))
-        r_all = torch.stack(r_all) if L else boxes.new_zeros((0, len(boxes)))  # (L, N)
-        r = r_all[levels, torch.arange(len(boxes), device=boxes.device)]  # (N,) at own level
+        zero = student_feats[0].sum() * 0.0
+        use_global = self.global_weight > 0
+        # r of every instance at its own level (and, for the global loss, every instance at
+        # every level), from box-crop means of the raw (un-adapted) maps
+        r = boxes.new_ones(N)
+        global_total = zero
+        if self.needs_prototypes:
+            for lvl in range(L):
+                sel = torch.ones_like(levels, dtype=torch.bool) if use_global else levels == lvl
+                if not bool(sel.any()):
+                    continue
+                ps, pt, starts = self.bank(lvl)
+                with torch.set_grad_enabled(use_global and torch.is_grad_enabled()):
+                    s = box_crop_mean(
+                        student_feats[lvl], boxes[sel], batch_idx[sel], self.strides[lvl]
+                    )
+                with torch.no_grad():
+                    t = box_crop_mean(
+                        teacher_feats[lvl], boxes[sel], batch_idx[sel], self.strides[lvl]
+                    )
+                r_lvl = robustness_weights(s, t, ps, pt, classes[sel], starts, clamp=self.clamp_r)
+                own = levels[sel] == lvl
+                r[sel.nonzero().flatten()[own]] = r_lvl[own]
+                if use_global and ps.shape[0] > 0:
+                    with torch.no_grad():
+                        rep_t = global_representation(t, pt)
+                    global_total = global_total + global_alignment_loss(
+                        global_representation(s, ps), rep_t, r_lvl
+                    )
         weights = r if self.robust else torch.ones_like(r)
 
-        fg_total = bg_total = student_feats[0].sum() * 0.0
-        for lvl in range(L):
-            sel = levels == lvl
-            a_map, t_map = self.adapters[lvl](student_feats[lvl]), teacher_feats[lvl]
-            if a_map.shape != t_map.shape:
-                raise ValueError(
-                    f"GKD distiller, level {lvl}: adapted student map {tuple(a_map.shape)} and "
-                    f"teacher map {tuple(t_map.shape)} differ"
+        losses: dict[str, Tensor] = {}
+        if self.fg_weight != 0 or self.bg_weight != 0:
+            fg_total = bg_total = zero
+            for lvl in range(L):
+                sel = levels == lvl
+                a_map, t_map = self.adapters[lvl](student_feats[lvl]), teacher_feats[lvl]
+                if a_map.shape != t_map.shape:
+                    raise ValueError(
+                        f"GKD distiller, level {lvl}: adapted student map {tuple(a_map.shape)} "
+                        f"and teacher map {tuple(t_map.shape)} differ"
+                    )
+                B, _, H, W = t_map.shape
+                mask = foreground_mask(
+                    boxes[sel], batch_idx[sel], weights[sel], self.strides[lvl], (B, H, W)
                 )
-            B, _, H, W = t_map.shape
-            mask = foreground_mask(
-                boxes[sel], batch_idx[sel], weights[sel], self.strides[lvl], (B, H, W)
+                fg, bg = decoupled_imitation_losses(a_map, t_map, mask)
+                fg_total, bg_total = fg_total + fg, bg_total + bg
+            if self.level_reduction == "mean":
+                fg_total, bg_total = fg_total / L, bg_total / L
+            if self.fg_weight != 0:
+                losses["loss_gkd_fg"] = self.fg_weight * attenuation * fg_total
+            if self.bg_weight != 0:
+                losses["loss_gkd_bg"] = self.bg_weight * attenuation * bg_total
+        soft_r = None
+        if self.soft_weight != 0:
+            soft_w = weights
+            if soft_descriptors is not None and self.robust:
+                soft_r = self.robustness_at(*soft_descriptors[:2], classes, soft_descriptors[2])
+                soft_w = soft_r
+            losses["loss_gkd_soft"] = self.soft_weight * soft_label_kl(
+                student_logits, teacher_logits, soft_w, self.temperature
             )
-            fg, bg = decoupled_imitation_losses(a_map, t_map, mask)
-            fg_total, bg_total = fg_total + fg, bg_total + bg
-        if self.level_reduction == "mean":
-            fg_total, bg_total = fg_total / L, bg_total / L
-        losses = {
-            "loss_gkd_fg": self.fg_weight * attenuation * fg_total,
-            "loss_gkd_bg": self.bg_weight * attenuation * bg_total,
-            "loss_gkd_soft": self.soft_weight
-            * soft_label_kl(student_logits, teacher_logits, weights, self.temperature),
-        }
-        if self.global_weight > 0:
-            total = student_feats[0].sum() * 0.0
-            for lvl, (s, t, ps, pt) in enumerate(pooled):
-                if ps.shape[0] == 0:
-                    continue
-                with torch.no_grad():
-                    rep_t = global_representation(t, pt)
-                total = total + global_alignment_loss(
-                    global_representation(s, ps), rep_t, r_all[lvl]
-                )
-            losses["loss_gkd_global"] = self.global_weight * attenuation * total
-        stats = {
-            "gkd/r_mean": float(r.mean()) if len(r) else 1.0,
-            "gkd/r_min": float(r.min()) if len(r) else 1.0,
-            "gkd/r_below_0.5": float((r < 0.5).float().mean()) if len(r) else 0.0,
-            "gkd/num_instances": float(len(r)),
-        }
+        if use_global:
+            losses["loss_gkd_global"] = self.global_weight * attenuation * global_total
+        if len(self.extra_terms):
+            inputs = DistillInputs(
+                student_feats=student_feats,
+                teacher_feats=teacher_feats,
+                strides=self.strides,
+                boxes=boxes,
+                batch_idx=batch_idx,
+                classes=classes,
+                levels=levels,
+                weights=weights,
+                student_logits=student_logits,
+                teacher_logits=teacher_logits,
+                attenuation=attenuation,
+            )
+            for term, w in zip(self.extra_terms, self.extra_weights):
+                if w != 0:
+                    losses[term.loss_name] = w * term(inputs)
+
+        stats = {"gkd/num_instances": float(N)}
+        if self.needs_prototypes:
+            stats.update(_r_stats("gkd/r", r))
+        if soft_r is not None:
+            stats.update(_r_stats("gkd/r_soft", soft_r))
         return losses, stats
+
+
+def _r_stats(prefix: str, r: Tensor) -> dict[str, float]:
+    """Mean, min and fraction below 0.5 of robustness weights (1, 1, 0 when empty)."""
+    if len(r) == 0:
+        return {f"{prefix}_mean": 1.0, f"{prefix}_min": 1.0, f"{prefix}_below_0.5": 0.0}
+    return {
+        f"{prefix}_mean": float(r.mean()),
+        f"{prefix}_min": float(r.min()),
+        f"{prefix}_below_0.5": float((r < 0.5).float().mean()),
+    }

@@ -15,13 +15,14 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
-from ..distill import assign_levels, linear_attenuation
+from ..distill import assign_levels
+from .distilled_detector import DistilledDetector
 from .distiller import GKDDistiller
 
 
 @META_ARCH_REGISTRY.register()
-class GKDRetinaNet(RetinaNet):
-    """RetinaNet student + GKD distiller; the teacher is attached by the trainer.
+class GKDRetinaNet(DistilledDetector, RetinaNet):
+    """RetinaNet student + GKD distiller; the teacher (a RetinaNet) is attached by the trainer.
 
     The teacher (a ``gkd_d2.teacher.FrozenTeacher``) is a plain attribute, not a submodule:
     it is absent from ``parameters()``, ``state_dict()``, the optimizer and DDP. Inference runs
@@ -31,55 +32,38 @@ class GKDRetinaNet(RetinaNet):
     @configurable
     def __init__(self, *, distiller: GKDDistiller, anchor_own_level: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.distiller = distiller
+        self._init_distillation(distiller, self.head_in_features)
         self.anchor_own_level = anchor_own_level
-        self.teacher = None
         # RetinaNet's EMA loss normaliser is a plain attribute, lost on resume; kept in a buffer
         # (hence in checkpoints) so that a resumed run normalises its losses as the original
         # one (-1: not started).
         self.register_buffer("loss_normalizer_ema", torch.tensor(-1.0, dtype=torch.float64))
-        # (iterations per epoch, epochs) for a(e); set by the trainer. None: a = 1.
-        self.attenuation_schedule: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, cfg):
         ret = RetinaNet.from_config(cfg)
-        shapes = ret["backbone"].output_shape()
-        in_features = ret["head_in_features"]
-        student_channels = shapes[in_features[0]].channels
-        teacher_channels = student_channels
-        if cfg.MODEL.TEACHER.CONFIG_FILE:
-            from ..teacher import load_teacher_cfg
-
-            teacher_channels = load_teacher_cfg(cfg).MODEL.FPN.OUT_CHANNELS
-        ret["distiller"] = GKDDistiller.from_config(
+        ret["distiller"] = cls.build_distiller(
             cfg,
-            strides=[shapes[f].stride for f in in_features],
-            student_channels=student_channels,
-            teacher_channels=teacher_channels,
-            num_classes=cfg.MODEL.RETINANET.NUM_CLASSES,
+            ret["backbone"].output_shape(),
+            ret["head_in_features"],
+            cfg.MODEL.RETINANET.NUM_CLASSES,
+            two_stage=False,
         )
         ret["anchor_own_level"] = cfg.MODEL.GKD.ANCHOR_OWN_LEVEL
         return ret
 
-    def attach_teacher(self, teacher) -> None:
-        """Attach a FrozenTeacher (kept out of the module tree on purpose)."""
-        object.__setattr__(self, "teacher", teacher)
-
-    def attenuation(self) -> float:
-        if self.attenuation_schedule is None:
-            return 1.0
-        epoch_len, num_epochs = self.attenuation_schedule
-        return linear_attenuation(get_event_storage().iter // epoch_len, num_epochs)
+    def check_teacher(self, teacher) -> None:
+        super().check_teacher(teacher)
+        if not hasattr(teacher.model, "head") or not hasattr(teacher.model, "anchor_generator"):
+            raise ValueError(
+                f"GKDRetinaNet distils the logits of a RetinaNet teacher; the teacher is a "
+                f"{type(teacher.model).__name__} ({teacher.cfg.MODEL.META_ARCHITECTURE})"
+            )
 
     def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return super().forward(batched_inputs)
-        if self.teacher is None:
-            raise RuntimeError(
-                "GKDRetinaNet is training without a teacher: attach one with attach_teacher(), "
-                "as gkd_d2.engine.Trainer does from MODEL.TEACHER.*"
-            )
+        self.require_teacher()
         images = self.preprocess_image(batched_inputs)
         all_features = self.backbone(images.tensor)
         features = [all_features[f] for f in self.head_in_features]
@@ -106,7 +90,7 @@ class GKDRetinaNet(RetinaNet):
         gt_labels: list[Tensor],
     ) -> dict[str, Tensor]:
         teacher_all, _ = self.teacher.features(batched_inputs)
-        teacher_features = [teacher_all[f] for f in self.teacher.model.head_in_features]
+        teacher_features = [teacher_all[f] for f in self.distill_in_features]
         teacher_logits = [
             permute_to_N_HWA_K(x, self.num_classes)
             for x in self.teacher.head_logits(teacher_features)

@@ -1,0 +1,189 @@
+"""GKDRCNN: a detectron2 Faster R-CNN (FPN) student distilled from a frozen teacher with GKD.
+
+Only the Faster R-CNN-specific part lives here (spec sections 2.2, 4.3, 4.4): the instances are
+the student's positive sampled proposals (proposal coordinates, with the class of the matched
+ground truth); the logits are the (K + 1)-way box-head logits of those RoIs, the teacher's from
+its own box head on its own FPN with the same RoIs; the soft-label r comes from the RoI features
+averaged over the pooled grid, at the box pooler's level. The distillation itself is
+``GKDDistiller``, the same as for RetinaNet.
+"""
+
+from __future__ import annotations
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+
+from ..distill import assign_levels
+from .distilled_detector import DistilledDetector
+from .distiller import GKDDistiller
+
+
+def positive_proposals(
+    proposals: list[Instances], num_classes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The positive sampled proposals of a batch, image-major.
+
+    Args:
+        proposals: per image, the RoI sampler's output (``proposal_boxes``, ``gt_classes``;
+            ``gt_classes == num_classes`` marks background).
+        num_classes: K.
+
+    Returns:
+        rows: (N,) int64 indices into the concatenation of all images' proposals;
+        batch_idx: (N,) image of each; boxes: (N, 4) proposal boxes (XYXY, input pixels);
+        classes: (N,) the matched ground-truth class.
+    """
+    device = proposals[0].proposal_boxes.tensor.device if proposals else torch.device("cpu")
+    if not proposals:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, torch.zeros(0, 4, device=device), empty
+    classes = torch.cat([p.gt_classes for p in proposals])
+    boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
+    image = torch.cat(
+        [torch.full((len(p),), i, dtype=torch.long, device=device) for i, p in enumerate(proposals)]
+    )
+    rows = torch.nonzero((classes >= 0) & (classes < num_classes)).flatten()
+    return rows, image[rows], boxes[rows], classes[rows]
+
+
+def boxes_per_image(boxes: Tensor, batch_idx: Tensor, num_images: int) -> list[Boxes]:
+    """Split image-major (N, 4) boxes into one ``Boxes`` per image (a pooler's input)."""
+    counts = torch.bincount(batch_idx, minlength=num_images).tolist()
+    return [Boxes(b) for b in boxes.split(counts)]
+
+
+@META_ARCH_REGISTRY.register()
+class GKDRCNN(DistilledDetector, GeneralizedRCNN):
+    """Faster R-CNN (FPN, ``StandardROIHeads``) student + GKD distiller; the teacher (a Faster
+    R-CNN) is attached by the trainer.
+
+    All FPN levels of the backbone are distilled (P2-P6 for detectron2's FPN); the level of a
+    proposal for the feature mask follows the official rule (``assign_levels``). Training runs
+    one box-head pass over the sampled RoIs, whose positive rows give both the detection loss
+    and the soft-label logits (the official code runs a second pass over the positives; the
+    logits are the same for box heads without batch statistics). Inference is the student's.
+    """
+
+    @configurable
+    def __init__(self, *, distiller: GKDDistiller, distill_in_features: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self._init_distillation(distiller, distill_in_features)
+        heads = self.roi_heads
+        unknown = [f for f in heads.box_in_features if f not in distill_in_features]
+        if unknown:
+            raise ValueError(
+                f"GKDRCNN: box-head features {unknown} are not FPN levels of the backbone "
+                f"{distill_in_features}"
+            )
+        # the box pooler's level k is distiller level box_level_index[k]
+        self.register_buffer(
+            "box_level_index",
+            torch.tensor([distill_in_features.index(f) for f in heads.box_in_features]),
+            persistent=False,
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = GeneralizedRCNN.from_config(cfg)
+        heads = ret["roi_heads"]
+        if not isinstance(heads, StandardROIHeads) or heads.box_pooler is None:
+            raise ValueError(
+                f"GKDRCNN needs detectron2's StandardROIHeads with a box head "
+                f"(MODEL.ROI_HEADS.NAME), not {type(heads).__name__}"
+            )
+        if heads.train_on_pred_boxes:
+            raise ValueError("GKDRCNN does not support MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
+        if ret["proposal_generator"] is None:
+            raise ValueError("GKDRCNN needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
+        shapes = ret["backbone"].output_shape()
+        in_features = sorted(shapes, key=lambda f: shapes[f].stride)
+        ret["distill_in_features"] = in_features
+        ret["distiller"] = cls.build_distiller(
+            cfg, shapes, in_features, cfg.MODEL.ROI_HEADS.NUM_CLASSES, two_stage=True
+        )
+        return ret
+
+    def check_teacher(self, teacher) -> None:
+        super().check_teacher(teacher)
+        heads = getattr(teacher.model, "roi_heads", None)
+        if getattr(heads, "box_pooler", None) is None:
+            raise ValueError(
+                f"GKDRCNN distils the box-head logits of a Faster R-CNN teacher; the teacher is "
+                f"a {type(teacher.model).__name__} ({teacher.cfg.MODEL.META_ARCHITECTURE})"
+            )
+
+    def forward(self, batched_inputs: list[dict]):
+        if not self.training:
+            return super().forward(batched_inputs)
+        self.require_teacher()
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        rpn_proposals, losses = self.proposal_generator(images, features, gt_instances)
+        heads = self.roi_heads
+        proposals = heads.label_and_sample_proposals(rpn_proposals, gt_instances)
+        # StandardROIHeads._forward_box's training path, keeping the pooled RoI features and
+        # the logits for distillation
+        pooled = heads.box_pooler(
+            [features[f] for f in heads.box_in_features], [p.proposal_boxes for p in proposals]
+        )
+        predictions = heads.box_predictor(heads.box_head(pooled))
+        losses.update(heads.box_predictor.losses(predictions, proposals))
+        losses.update(heads._forward_mask(features, proposals))
+        losses.update(heads._forward_keypoint(features, proposals))
+        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
+            self.visualize_training(batched_inputs, rpn_proposals)
+        losses.update(self._distill(batched_inputs, features, proposals, pooled, predictions[0]))
+        return losses
+
+    def _distill(
+        self,
+        batched_inputs: list[dict],
+        features: dict[str, Tensor],
+        proposals: list[Instances],
+        pooled: Tensor,
+        logits: Tensor,
+    ) -> dict[str, Tensor]:
+        """GKD losses from the sampled proposals, their pooled (R, C, h, w) features and their
+        (R, K + 1) logits (rows in the proposals' image-major order)."""
+        heads = self.roi_heads
+        rows, batch_idx, boxes, classes = positive_proposals(proposals, heads.num_classes)
+        teacher_all, _ = self.teacher.features(batched_inputs)
+        per_image = boxes_per_image(boxes, batch_idx, len(proposals))
+        teacher_logits, teacher_pooled = self.teacher.roi_logits(teacher_all, per_image)
+        if len(heads.box_in_features) > 1:
+            pooler = heads.box_pooler
+            pooler_level = assign_boxes_to_levels(
+                per_image,
+                pooler.min_level,
+                pooler.max_level,
+                pooler.canonical_box_size,
+                pooler.canonical_level,
+            )
+        else:
+            pooler_level = torch.zeros(len(rows), dtype=torch.long, device=boxes.device)
+        student_pooled = pooled[rows].mean(dim=(2, 3))
+        losses, stats = self.distiller(
+            [features[f] for f in self.distill_in_features],
+            [teacher_all[f] for f in self.distill_in_features],
+            boxes,
+            batch_idx,
+            classes,
+            assign_levels(boxes, len(self.distill_in_features)),
+            logits[rows],
+            teacher_logits,
+            attenuation=self.attenuation(),
+            soft_descriptors=(
+                student_pooled,
+                teacher_pooled,
+                self.box_level_index[pooler_level],
+            ),
+        )
+        get_event_storage().put_scalars(**stats)
+        return losses
