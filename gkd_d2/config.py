@@ -49,7 +49,9 @@ def add_gkd_config(cfg: CN) -> CN:
     g.SOFT_WEIGHT = 1.0
     g.GLOBAL_WEIGHT = 0.0  # explicit global loss (official factor 5 when enabled); 0 = off
     g.ATTENUATION = True  # a(e) = 1 - e / NUM_EPOCHS on the feature and global terms
-    g.NUM_EPOCHS = 0  # epochs of the schedule for a(e); 0 = MAX_ITER / REFRESH_PERIOD
+    # E of a(e) = 1 - e / E, e = the 0-based epoch of the training set (whatever
+    # REFRESH_PERIOD is); 0 = the epochs MAX_ITER spans
+    g.NUM_EPOCHS = 0
     # "sum" or "mean" of the per-level feature losses; "auto" = the official choice of each
     # detector: sum for RetinaNet (one-stage code path), mean for Faster R-CNN
     g.LEVEL_REDUCTION = "auto"

@@ -3,6 +3,7 @@
 import pytest
 from conftest import REPO
 from detectron2.config import get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
 
 import gkd_d2  # noqa: F401
 from gkd_d2 import add_gkd_config
@@ -21,6 +22,8 @@ def test_config_loads(path, monkeypatch):
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch.startswith("GKD"):
         teacher = load_teacher_cfg(cfg)
+        plain = META_ARCH_REGISTRY.get(arch).plain_architecture  # the demo's control
+        assert plain == teacher.MODEL.META_ARCHITECTURE
         if arch == "GKDRetinaNet":
             assert teacher.MODEL.META_ARCHITECTURE == "RetinaNet"
             assert teacher.MODEL.RETINANET.NUM_CLASSES == cfg.MODEL.RETINANET.NUM_CLASSES
@@ -39,3 +42,15 @@ def test_paper_protocol_config():
     assert g.ATTENUATION and g.NUM_EPOCHS == 24 and g.REFRESH_PERIOD == 0
     assert cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.SOLVER.MAX_ITER == 176000
     assert load_teacher_cfg(cfg).MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
+
+
+def test_faster_rcnn_paper_protocol_config():
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_file(str(REPO / "configs" / "gkd_faster_rcnn.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "GKDRCNN" and cfg.MODEL.GKD.LEVEL_REDUCTION == "auto"
+    assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 512  # 25 % positives: up to 128
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.SOLVER.MAX_ITER == 176000
+    assert cfg.SOLVER.BASE_LR == 0.02 and cfg.MODEL.GKD.NUM_EPOCHS == 24
+    teacher = load_teacher_cfg(cfg)
+    assert teacher.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
+    assert teacher.INPUT.FORMAT == cfg.INPUT.FORMAT  # caffe-style pair, one normalisation

@@ -2,7 +2,7 @@
 
 import torch
 
-from gkd_d2.distill import soft_label_kl
+from gkd_d2.distill import box_crop_mean, soft_label_kl
 from gkd_d2.modeling import GKDDistiller
 
 
@@ -95,3 +95,83 @@ def test_losses_positive_and_soft_term_uses_r_weights():
     base.load_state_dict(d.state_dict())
     losses_b, _ = base(feats, teacher, boxes, bidx, classes, levels, zs, zt)
     torch.testing.assert_close(losses_b["loss_gkd_soft"], soft_label_kl(zs, zt, torch.ones(3), 2.0))
+
+
+def test_soft_label_r_from_roi_descriptors_by_hand():
+    """Faster R-CNN's soft-label r: from given (RoI-pooled) descriptors at given levels, against
+    the prototypes of the instance's class at that level; the KL weighted by it, by hand."""
+    import torch.nn.functional as F
+
+    d = make_distiller(global_weight=0.0)
+    g = torch.Generator().manual_seed(3)
+    for lvl in range(2):
+        for c in range(2):  # class 2 has no prototypes: r = 1
+            d.set_bank(lvl, c, torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g))
+    feats, boxes, bidx, _, levels = batch()
+    classes = torch.tensor([0, 1, 2])
+    s_desc, t_desc = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    soft_levels = torch.tensor([1, 0, 1])
+    zs, zt = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    teacher = [f + 0.5 for f in feats]
+    losses, stats = d(
+        feats,
+        teacher,
+        boxes,
+        bidx,
+        classes,
+        levels,
+        zs,
+        zt,
+        soft_descriptors=(s_desc, t_desc, soft_levels),
+    )
+    r = []
+    for n in range(3):
+        lvl, c = int(soft_levels[n]), int(classes[n])
+        if c == 2:
+            r.append(1.0)
+            continue
+        cs = max(float(F.cosine_similarity(s_desc[n], p, dim=0)) for p in d.protos_s[lvl, c])
+        ct = max(float(F.cosine_similarity(t_desc[n], p, dim=0)) for p in d.protos_t[lvl, c])
+        r.append(min(max(1.0 - abs(cs - ct), 0.0), 1.0))
+    assert min(r) < 0.99  # a real weighting
+    kl = []
+    for n in range(3):
+        p_t = torch.softmax(zt[n] / 2, dim=0)
+        log_p_s = torch.log_softmax(zs[n] / 2, dim=0)
+        kl.append(float((p_t * (p_t.log() - log_p_s)).sum()) / 5 * 4)  # mean over 5 classes, T^2
+    expected = sum(rn * kn for rn, kn in zip(r, kl)) / 3
+    assert abs(losses["loss_gkd_soft"].item() - expected) < 1e-5
+    assert abs(stats["gkd/r_soft_mean"] - sum(r) / 3) < 1e-6
+    # the fg mask still uses the box-crop r at the instance's own level
+    crop_r = d.robustness_at(
+        torch.stack(
+            [
+                box_crop_mean(feats[int(lv)], boxes[i : i + 1], bidx[i : i + 1], [8, 16][int(lv)])[
+                    0
+                ]
+                for i, lv in enumerate(levels)
+            ]
+        ),
+        torch.stack(
+            [
+                box_crop_mean(
+                    teacher[int(lv)], boxes[i : i + 1], bidx[i : i + 1], [8, 16][int(lv)]
+                )[0]
+                for i, lv in enumerate(levels)
+            ]
+        ),
+        classes,
+        levels,
+    )
+    assert abs(stats["gkd/r_mean"] - float(crop_r.mean())) < 1e-6
+
+
+def test_zero_weight_terms_are_not_computed_and_extra_weights_must_match():
+    d = make_distiller(global_weight=0.0, bg_weight=0.0, soft_weight=0.0)
+    feats, boxes, bidx, classes, levels = batch()
+    losses, _ = d(feats, feats, boxes, bidx, classes, levels, torch.zeros(3, 3), torch.zeros(3, 3))
+    assert set(losses) == {"loss_gkd_fg"}
+    import pytest
+
+    with pytest.raises(ValueError, match="1 extra terms, 2 weights"):
+        make_distiller(extra_terms=torch.nn.ModuleList([torch.nn.Identity()]), extra_weights=[1, 2])

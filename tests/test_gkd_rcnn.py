@@ -386,3 +386,16 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, python, teacher_weigh
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(b["distiller.bank_iter"]) == 6
+
+
+def test_attenuation_follows_epochs_of_data_not_the_refresh_period(tmp_path, teacher_weights):
+    from gkd_d2.engine.trainer import train_dataset_dicts
+
+    trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "40"))
+    assert len(train_dataset_dicts(trainer.cfg)) == 32
+    # epochs of 32 images / batch 2 = 16 iterations; 40 iterations span 3 of them
+    assert trainer.model.attenuation_schedule == (16, 3)
+    (refresh,) = [h for h in trainer._hooks if isinstance(h, PrototypeRefresh)]
+    assert refresh.period == 3  # REFRESH_PERIOD of the config
+    with EventStorage(32):
+        assert trainer.model.attenuation() == pytest.approx(1 - 2 / 3)

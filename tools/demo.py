@@ -7,7 +7,7 @@
 1. teacher: the CPU quickstart RetinaNet (configs/quickstart_retinanet_cpu.yaml), trained once
    and reused from output/quickstart_retinanet_cpu/model_final.pth afterwards (evaluated again);
 2. student alone: the quarter-width student of configs/quickstart_gkd_retinanet_cpu.yaml as a
-   plain RetinaNet, N iterations;
+   plain RetinaNet (GeneralizedRCNN for a Faster R-CNN student), N iterations;
 3. GKD student: the same student, the same N iterations, seed and data order, distilled from
    the teacher with GKD.
 Each stage runs train_net.py in its own process; the table ends the output.
@@ -61,6 +61,18 @@ def run_train_net(*argv: str) -> tuple[dict, float]:
     return dict(zip(COLUMNS, values)), (time.perf_counter() - start) / 60
 
 
+def plain_architecture(config_file: str) -> str:
+    """The detectron2 meta-architecture of a GKD config's student trained alone."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    import gkd_d2  # noqa: F401  (registers the GKD meta-architectures)
+
+    cfg = gkd_d2.add_gkd_config(get_cfg())
+    cfg.merge_from_file(str(REPO / config_file))
+    return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE).plain_architecture
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--student-iters", type=int, default=300)
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config-file",
         ns.student_config,
         "MODEL.META_ARCHITECTURE",
-        "RetinaNet",
+        plain_architecture(ns.student_config),
         *schedule,
         "OUTPUT_DIR",
         str(ns.output / "demo_student_alone"),

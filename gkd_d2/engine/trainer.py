@@ -154,13 +154,19 @@ class Trainer(DefaultTrainer):
 
     @staticmethod
     def epoch_length(cfg: CfgNode) -> int:
-        """Iterations between prototype refreshes: MODEL.GKD.REFRESH_PERIOD, or one epoch."""
-        if cfg.MODEL.GKD.REFRESH_PERIOD > 0:
-            return cfg.MODEL.GKD.REFRESH_PERIOD
+        """Iterations of one epoch of the training set (at least 1)."""
         return max(1, len(train_dataset_dicts(cfg)) // cfg.SOLVER.IMS_PER_BATCH)
 
     @classmethod
+    def refresh_period(cls, cfg: CfgNode) -> int:
+        """Iterations between prototype refreshes: MODEL.GKD.REFRESH_PERIOD, or one epoch."""
+        if cfg.MODEL.GKD.REFRESH_PERIOD > 0:
+            return cfg.MODEL.GKD.REFRESH_PERIOD
+        return cls.epoch_length(cfg)
+
+    @classmethod
     def num_epochs(cls, cfg: CfgNode) -> int:
+        """E of a(e) = 1 - e / E: MODEL.GKD.NUM_EPOCHS, or the epochs that MAX_ITER spans."""
         if cfg.MODEL.GKD.NUM_EPOCHS > 0:
             return cfg.MODEL.GKD.NUM_EPOCHS
         return max(1, -(-cfg.SOLVER.MAX_ITER // cls.epoch_length(cfg)))
@@ -171,7 +177,7 @@ class Trainer(DefaultTrainer):
         if hasattr(model, "distiller") and model.distiller.needs_prototypes:
             # (the local-only baseline, ROBUST_WEIGHTS False without a global loss, needs none)
             refresh = PrototypeRefresh(
-                self.cfg, train_dataset_dicts(self.cfg), self.epoch_length(self.cfg), model
+                self.cfg, train_dataset_dicts(self.cfg), self.refresh_period(self.cfg), model
             )
             # first, so that IterationTimer does not count a refresh as iteration time
             ret.insert(0, refresh)

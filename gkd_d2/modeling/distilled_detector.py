@@ -22,6 +22,8 @@ class DistilledDetector:
     """
 
     distill_in_features: list[str]
+    # the detectron2 meta-architecture of the student alone (export, controls)
+    plain_architecture: str
 
     def _init_distillation(self, distiller: GKDDistiller, distill_in_features: list[str]) -> None:
         self.distiller = distiller

@@ -70,6 +70,8 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
     logits are the same for box heads without batch statistics). Inference is the student's.
     """
 
+    plain_architecture = "GeneralizedRCNN"
+
     @configurable
     def __init__(self, *, distiller: GKDDistiller, distill_in_features: list[str], **kwargs):
         super().__init__(**kwargs)

@@ -29,6 +29,8 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
     the student alone and needs no teacher.
     """
 
+    plain_architecture = "RetinaNet"
+
     @configurable
     def __init__(self, *, distiller: GKDDistiller, anchor_own_level: bool = True, **kwargs):
         super().__init__(**kwargs)
