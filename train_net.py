@@ -9,20 +9,24 @@
 On a machine without a GPU, ``--num-gpus N`` runs N CPU processes (gloo).
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
+import argparse
+
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import gkd_d2  # noqa: F401  (registers datasets and models)
+from gkd_d2.checkpoint import GKDCheckpointer
 from gkd_d2.engine import Trainer, launch, setup_cfg
 
 
-def main(args):
+def main(args: argparse.Namespace) -> dict | None:
+    """Evaluate (``--eval-only``) or train, resuming with ``--resume``; return the results."""
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # weights-only .pth reads; a missing, truncated or corrupt file is named
+        GKDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Sequence
+
+from detectron2.config import CfgNode
 from detectron2.config import CfgNode as CN
+from detectron2.utils.file_io import PathManager
 
 
 def add_gkd_config(cfg: CN) -> CN:
@@ -63,3 +69,63 @@ def add_gkd_config(cfg: CN) -> CN:
     # than the official box-size rule, which maps P4 anchors of 64-101 px to P3.
     g.ANCHOR_OWN_LEVEL = True
     return cfg
+
+
+class ConfigError(ValueError):
+    """A config file or override that detectron2/yacs cannot merge (unknown key, wrong type)."""
+
+
+def _flat_keys(node: CfgNode, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        keys.extend(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode) else [prefix + k])
+    return keys
+
+
+def _closest_keys(key: str, keys: list[str]) -> list[str]:
+    """Existing keys that ``key`` probably misspells: siblings with a similar last part, else
+    keys similar as a whole (a misspelt parent)."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.75)
+    if close:
+        return [siblings[c] for c in close]
+    return difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
+
+
+def merge_config(cfg: CfgNode, config_file: str | None = None, opts: Sequence = ()) -> None:
+    """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, raising
+    :class:`ConfigError` that names the file or the override, the key, and the closest existing
+    keys, instead of yacs' bare ``KeyError``/``AssertionError``."""
+    for source, merge, arg in (
+        (
+            f"config file {config_file!r} (or a file it names in _BASE_)",
+            cfg.merge_from_file,
+            config_file,
+        ),
+        ("the KEY VALUE overrides", cfg.merge_from_list, list(opts)),
+    ):
+        if arg is None:
+            continue
+        if merge == cfg.merge_from_file and not PathManager.isfile(arg):
+            raise ConfigError(
+                f"Config file {arg!r} does not exist (relative paths start at {os.getcwd()!r})"
+            )
+        try:
+            merge(arg)
+        except (KeyError, AssertionError, ValueError) as e:
+            # yacs: KeyError("Non-existent config key: K") from files, AssertionError
+            # ("Non-existent key: K" / odd override list) from lists, ValueError for a type
+            # mismatch; detectron2: AssertionError for a missing file
+            msg = str(e.args[0]) if e.args else type(e).__name__
+            hint = ""
+            if "Non-existent" in msg:
+                key = msg.rsplit(" ", 1)[-1]
+                close = _closest_keys(key, _flat_keys(cfg))
+                hint = (f" Did you mean {' or '.join(close)}?" if close else "") + (
+                    " detectron2's keys are in detectron2/config/defaults.py, gkd_d2's in "
+                    "gkd_d2/config.py (README: gkd_d2's own keys)."
+                )
+            elif "Type mismatch" in msg:
+                hint = " Give a value of the key's type (quote lists and tuples: '(\"a\",)')."
+            raise ConfigError(f"Cannot merge {source}: {msg.rstrip('.!')}.{hint}") from None

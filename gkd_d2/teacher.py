@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.model_zoo import get_config_file
 from detectron2.modeling import build_model
@@ -22,7 +21,8 @@ from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
-from .config import add_gkd_config
+from .checkpoint import CheckpointLoadError, GKDCheckpointer
+from .config import ConfigError, add_gkd_config, merge_config
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +65,18 @@ def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
         )
     tcfg = get_cfg()
     add_gkd_config(tcfg)
-    tcfg.merge_from_file(_resolve_config_file(name))
-    tcfg.merge_from_list(list(cfg.MODEL.TEACHER.OPTS))
+    try:
+        merge_config(tcfg, _resolve_config_file(name), list(cfg.MODEL.TEACHER.OPTS))
+    except ConfigError as e:
+        # say it is the teacher's config, not the student's
+        raise ConfigError(f"Teacher config (MODEL.TEACHER.CONFIG_FILE / OPTS): {e}") from None
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = cfg.MODEL.TEACHER.WEIGHTS
     tcfg.freeze()
     return tcfg
 
 
-def _check_weights_path(weights: str) -> None:
+def _check_weights_path(weights: str, config_file: str = "") -> None:
     """Fail early on an empty or non-existent local weights path (URLs are checked on load)."""
     if not weights:
         raise TeacherLoadError(
@@ -81,8 +84,10 @@ def _check_weights_path(weights: str) -> None:
             "(a local .pth/.pkl or a detectron2:// URL)"
         )
     if "://" not in weights and not os.path.isfile(weights):
+        train = f"python train_net.py --config-file {config_file or 'TEACHER_CONFIG'}"
         raise TeacherLoadError(
-            f"Teacher weights file {weights!r} (MODEL.TEACHER.WEIGHTS) not found"
+            f"Teacher weights file {weights!r} (MODEL.TEACHER.WEIGHTS) not found: train the "
+            f"teacher first ({train}) and set MODEL.TEACHER.WEIGHTS to its model_final.pth"
         )
 
 
@@ -97,8 +102,12 @@ def _format_keys(title: str, keys: Sequence[str]) -> str:
 def _describe_incompatible(incompatible) -> str:
     """List the missing, unexpected and wrong-shape keys of a checkpoint load, non-empty ones."""
     parts = []
-    if incompatible.missing_keys:
-        parts.append(_format_keys("missing in the checkpoint", incompatible.missing_keys))
+    # fvcore drops a wrong-shape tensor before loading, so its key also comes back as missing;
+    # list it once, under its shapes
+    wrong = {k for k, _, _ in incompatible.incorrect_shapes}
+    missing = [k for k in incompatible.missing_keys if k not in wrong]
+    if missing:
+        parts.append(_format_keys("missing in the checkpoint", missing))
     if incompatible.unexpected_keys:
         parts.append(_format_keys("unexpected in the checkpoint", incompatible.unexpected_keys))
     if incompatible.incorrect_shapes:
@@ -114,15 +123,22 @@ def load_teacher_weights(model: nn.Module, weights: str, allow_partial: bool) ->
     """Load ``weights`` into ``model``; any missing, unexpected or wrong-shape key is an error.
 
     With ``allow_partial`` the mismatches are logged as a warning instead. Handles detectron2
-    ``.pth`` checkpoints, model-zoo ``.pkl`` files and ``detectron2://`` (or other) URLs.
+    ``.pth`` checkpoints (read weights-only), model-zoo ``.pkl`` files (unpickled by
+    detectron2: trusted sources only) and ``detectron2://`` (or other) URLs.
     """
     _check_weights_path(weights)
-    checkpointer = DetectionCheckpointer(model, save_to_disk=False)
+    checkpointer = GKDCheckpointer(model, save_to_disk=False)
     try:
         local = PathManager.get_local_path(weights)
+    except Exception as e:  # undownloadable: say which file, keep the cause
+        raise TeacherLoadError(f"Cannot fetch teacher weights {weights!r}: {e}") from e
+    try:
         checkpoint = checkpointer._load_file(local)
-    except Exception as e:  # unreadable/undownloadable: say which file, keep the cause
-        raise TeacherLoadError(f"Cannot read teacher weights {weights!r}: {e}") from e
+    except CheckpointLoadError as e:  # truncated, corrupt or unsafe: the message says which
+        raise TeacherLoadError(
+            f"{e}\nIt is MODEL.TEACHER.WEIGHTS: point it at a good copy of the teacher's "
+            "weights (or train the teacher again)."
+        ) from None
     # The load_state_dict below is non-strict (fvcore drops wrong-shape tensors before it), so the
     # strictness a teacher needs is enforced on the returned key lists.
     incompatible = checkpointer._load_model(checkpoint)
@@ -176,7 +192,8 @@ def _check_num_classes(cfg: CfgNode, tcfg: CfgNode) -> None:
     if s_num != t_num:
         raise ValueError(
             f"The teacher predicts {t_num} classes (teacher {tkey}) but the student {s_num} "
-            f"(student {skey}); they must be equal"
+            f"(student {skey}); they must be equal: distil from a teacher trained on the "
+            "student's classes (same dataset), or fix the NUM_CLASSES that is wrong"
         )
 
 
@@ -279,7 +296,7 @@ def build_teacher(cfg: CfgNode) -> FrozenTeacher:
     tcfg = load_teacher_cfg(cfg)
     # Cheap checks before building a possibly large model.
     _check_num_classes(cfg, tcfg)
-    _check_weights_path(tcfg.MODEL.WEIGHTS)
+    _check_weights_path(tcfg.MODEL.WEIGHTS, cfg.MODEL.TEACHER.CONFIG_FILE)
     model = build_model(tcfg)
     load_teacher_weights(model, tcfg.MODEL.WEIGHTS, cfg.MODEL.TEACHER.ALLOW_PARTIAL_LOAD)
     teacher = FrozenTeacher(model, tcfg, cfg.INPUT.FORMAT)

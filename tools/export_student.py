@@ -39,15 +39,14 @@ class ExportError(RuntimeError):
 
 def load_model_state(path: str) -> dict[str, torch.Tensor]:
     """The ``model`` state dict of a gkd_d2 training checkpoint, read with weights_only=True."""
+    from gkd_d2.checkpoint import CheckpointLoadError, read_pth
+
     if not os.path.isfile(path):
         raise ExportError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle error, foreign format
-        raise ExportError(
-            f"cannot read checkpoint {path!r} as a torch checkpoint (truncated or corrupt?): "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        ckpt = read_pth(path)
+    except CheckpointLoadError as e:  # truncated, corrupt, or more than tensors
+        raise ExportError(str(e)) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ExportError(f"checkpoint {path!r} has no 'model' state dict")
     return ckpt["model"]

@@ -56,7 +56,9 @@ def launch(
         available = torch.cuda.device_count()
         if num_gpus_per_machine > available:
             raise ValueError(
-                f"--num-gpus {num_gpus_per_machine} but this machine has {available} CUDA device(s)"
+                f"--num-gpus {num_gpus_per_machine} but this machine has {available} CUDA "
+                f"device(s): pass --num-gpus {available} or fewer (CUDA_VISIBLE_DEVICES may hide "
+                "some)"
             )
         return d2_launch(
             main_func,

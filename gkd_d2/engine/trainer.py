@@ -6,10 +6,12 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,34 +22,100 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_gkd_config
+from ..checkpoint import GKDCheckpointer
+from ..config import add_gkd_config, merge_config
 from .prototype_refresh import PrototypeRefresh
 
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _ddp_without_device_ids(cfg: CfgNode) -> Iterator[None]:
-    """On the CPU, make DefaultTrainer build DDP with ``device_ids=None``.
+class NonFiniteLossError(FloatingPointError):
+    """A training loss term became NaN or infinite (FloatingPointError, as detectron2 raises)."""
 
-    DefaultTrainer passes ``device_ids=[local_rank]``, which DDP rejects for a CPU module; the
-    constructor offers no other seam than the module-level ``create_ddp_model`` it calls.
+
+@contextlib.contextmanager
+def _d2_defaults_patched(cfg: CfgNode) -> Iterator[None]:
+    """Make DefaultTrainer's constructor build a :class:`GKDCheckpointer` and, on the CPU, DDP
+    with ``device_ids=None``.
+
+    DefaultTrainer passes ``device_ids=[local_rank]``, which DDP rejects for a CPU module, and
+    builds its checkpointer (which the PeriodicCheckpointer hook keeps) inside ``__init__``;
+    the constructor offers no other seam than the module-level names it calls.
     """
-    if cfg.MODEL.DEVICE != "cpu":
-        yield
-        return
-    original = d2_defaults.create_ddp_model
-    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    original_ddp, original_ckpt = d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer
+    if cfg.MODEL.DEVICE == "cpu":
+        d2_defaults.create_ddp_model = functools.partial(original_ddp, device_ids=None)
+    d2_defaults.DetectionCheckpointer = GKDCheckpointer
     try:
         yield
     finally:
-        d2_defaults.create_ddp_model = original
+        d2_defaults.create_ddp_model = original_ddp
+        d2_defaults.DetectionCheckpointer = original_ckpt
+
+
+def check_finite_losses(
+    loss_dict: Mapping[str, torch.Tensor],
+    iteration: int | None,
+    last_checkpoint: str | Callable[[], str] = "",
+) -> None:
+    """Raise :class:`NonFiniteLossError` naming each NaN/Inf term of ``loss_dict``, the
+    iteration and the last checkpoint (a path, or a function called only on failure).
+
+    When all is well this costs one ``isfinite`` over the stacked terms and one device sync
+    (detectron2's metrics writer syncs on every term each step anyway).
+    """
+    if not loss_dict:
+        return
+    values = torch.stack([torch.as_tensor(v).detach().float().sum() for v in loss_dict.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    if callable(last_checkpoint):
+        last_checkpoint = last_checkpoint()
+    terms = dict(zip(loss_dict, values.tolist()))
+    bad = ", ".join(f"{k} = {v}" for k, v in terms.items() if not math.isfinite(v))
+    good = ", ".join(f"{k} = {v:.4g}" for k, v in terms.items() if math.isfinite(v))
+    where = f"iteration {iteration}" if iteration is not None else "a training forward"
+    saved = (
+        f"The last checkpoint, {last_checkpoint!r}, is intact: after fixing the cause, "
+        "continue from it with --resume."
+        if last_checkpoint
+        else "No checkpoint has been written yet."
+    )
+    raise NonFiniteLossError(
+        f"Loss is not finite at {where}: {bad} (finite: {good or 'none'}). Training stopped "
+        f"before the backward pass, so the weights are those of the previous iteration. {saved} "
+        "Usual causes: a learning rate too high for the batch (lower SOLVER.BASE_LR, lengthen "
+        "SOLVER.WARMUP_ITERS, or set SOLVER.CLIP_GRADIENTS.ENABLED True), or degenerate boxes "
+        "in the annotations."
+    )
+
+
+class _FiniteLossHook:
+    """Forward hook on the detector: checks its training loss dict before the backward pass
+    (detectron2 0.6 checks only the summed loss, after backward, on the main process)."""
+
+    def __init__(self, checkpointer: GKDCheckpointer):
+        self.checkpointer = checkpointer
+
+    def __call__(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if not module.training or not isinstance(output, Mapping):
+            return
+        try:
+            iteration = get_event_storage().iter
+        except AssertionError:  # called outside an EventStorage
+            iteration = None
+        check_finite_losses(output, iteration, self._last_checkpoint)
+
+    def _last_checkpoint(self) -> str:
+        ckpt = self.checkpointer
+        return ckpt.get_checkpoint_file() if ckpt.has_checkpoint() else ""
 
 
 class ResumableTrainingSampler(TrainingSampler):
@@ -137,10 +205,12 @@ class Trainer(DefaultTrainer):
     GKD meta-architectures, the frozen teacher and the prototype-refresh hook."""
 
     def __init__(self, cfg: CfgNode):
-        with _ddp_without_device_ids(cfg):
+        with _d2_defaults_patched(cfg):
             super().__init__(cfg)
         self._trainer._data_loader_iter = torch_rng_neutral(self._trainer.data_loader)
         model = _unwrap(self.model)
+        # a NaN/Inf loss term stops training before its backward pass, named with the iteration
+        self._finite_loss_hook = model.register_forward_hook(_FiniteLossHook(self.checkpointer))
         if hasattr(model, "attach_teacher"):
             from ..teacher import build_teacher
 
@@ -207,6 +277,17 @@ class Trainer(DefaultTrainer):
         super().train()
         return getattr(self, "_last_eval_results", None)
 
+    def after_train(self) -> None:
+        # TrainerBase sets iter = max_iter only when the loop completed; an exception in the
+        # last iteration leaves iter = max_iter - 1, and EvalHook (iter + 1 >= max_iter) would
+        # then evaluate the failed run as if it had finished. Skip that evaluation.
+        if self.iter >= self.max_iter:
+            return super().after_train()
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if not isinstance(h, hooks.EvalHook):
+                h.after_train()
+
     # detectron2 0.6 leaves the optimizer state (SGD momentum, the AMP grad scaler) out of its
     # checkpoints, so --resume restarted momentum from zero; later detectron2 versions save it
     # under "_trainer" as done here.
@@ -248,11 +329,14 @@ def setup_cfg(args) -> CfgNode:
     Falls back to the CPU (with a warning) when the config asks for CUDA on a machine without it,
     and applies ``NUM_THREADS``. Calls detectron2's ``default_setup`` (logging, seeding, output
     folder, the config dump).
+
+    Raises:
+        ConfigError: a missing config file, an unknown key or a value of the wrong type, named.
     """
     cfg = get_cfg()
     add_gkd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    # ConfigError names the file or override and the key, with the closest existing keys
+    merge_config(cfg, args.config_file, args.opts)
     cpu_fallback = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if cpu_fallback:
         cfg.MODEL.DEVICE = "cpu"

@@ -73,7 +73,9 @@ class DistilledDetector:
         if bad:
             raise ValueError(
                 f"The teacher's backbone gives levels {theirs} (name: stride) but the student "
-                f"distils {ours}: {sorted(bad)} missing or at another stride in the teacher"
+                f"distils {ours}: {sorted(bad)} missing or at another stride in the teacher; use "
+                "a teacher whose FPN outputs these levels (its MODEL.FPN.IN_FEATURES, top block "
+                "and head IN_FEATURES), of the student's detector family"
             )
 
     def attach_teacher(self, teacher) -> None:

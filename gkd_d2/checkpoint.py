@@ -1,0 +1,199 @@
+"""Reading and writing checkpoints: weights-only ``.pth`` loading with clear errors, atomic
+saves, and detectron2's ``DetectionCheckpointer`` built on them (``GKDCheckpointer``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Callable
+from typing import IO, Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt, or holds more than tensors."""
+
+
+# torch's own opt-out of weights-only loading; honoured for files that need full unpickling
+_TRUST_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def _why_unreadable(path: str, error: BaseException) -> str:
+    """A short, user-level reason why torch.load failed on ``path`` (its own messages talk about
+    weights_only or miniz internals whatever the cause)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"it cannot be read ({e})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"the zip archive that torch.save writes ends early ({size} bytes, no end record)"
+    if zipfile.is_zipfile(path):
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"its zip archive is damaged ({first[:200]})"
+    return f"it is not a complete torch.save file ({size} bytes, starting {head!r})"
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The Python globals an intact zip-format torch file needs beyond weights_only's allowlist
+    (empty for a damaged or non-zip file)."""
+    if not zipfile.is_zipfile(path):
+        return []
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a damaged archive: reported as corrupt by the caller
+        return []
+
+
+def read_pth(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what is wrong.
+
+    Weights-only loading unpickles tensors and plain containers only, so a file cannot run
+    code. A file that needs more (e.g. numpy arrays, custom classes) is refused with the list of
+    what it needs, unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (torch's own switch) says the
+    user trusts it; a truncated or corrupt file is named as such.
+
+    Raises:
+        CheckpointLoadError: the file is truncated, corrupt, or needs full unpickling.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        error = e
+    trusted = os.environ.get(_TRUST_ENV, "0").lower() in ("1", "y", "yes", "true")
+    unsafe = _unsafe_globals(path)
+    if trusted:
+        logger.warning(
+            "%s is set: loading %r with full unpickling (it can run code from the file)%s",
+            _TRUST_ENV,
+            path,
+            f"; it needs {', '.join(unsafe)}" if unsafe else "",
+        )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            error = e
+    elif unsafe:
+        raise CheckpointLoadError(
+            f"Checkpoint {path!r} holds Python objects beyond tensors and plain containers "
+            f"({', '.join(unsafe)}); gkd_d2 loads .pth files with torch.load(weights_only=True), "
+            "which refuses them because unpickling them can run code from the file. If you "
+            f"trust the file, rerun with {_TRUST_ENV}=1, or load it once with "
+            "weights_only=False and re-save its tensors."
+        ) from None
+    raise CheckpointLoadError(
+        f"Checkpoint {path!r} is truncated or corrupt: {_why_unreadable(path, error)}. It was "
+        "probably cut short by a crash, a full disk or an interrupted copy or download."
+    ) from None
+
+
+def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temporary file and a rename, so that a crash mid-write leaves
+    the previous file (and no truncated one) under that name."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class GKDCheckpointer(DetectionCheckpointer):
+    """detectron2's DetectionCheckpointer that reads ``.pth`` files weights-only
+    (:func:`read_pth`), names a missing, truncated or corrupt file and says what to do, and
+    writes checkpoints and ``last_checkpoint`` atomically (local folders).
+
+    ``.pkl`` (detectron2 and Caffe2 model zoo) and ``.pyth`` (pycls) files still go through
+    detectron2's ``DetectionCheckpointer._load_file``, which unpickles ``.pkl`` files with
+    ``pickle.load``: only load those from sources you trust.
+    """
+
+    def _load_file(self, filename: str) -> dict:
+        if filename.endswith((".pkl", ".pyth")):
+            try:
+                return super()._load_file(filename)
+            except Exception as e:
+                raise CheckpointLoadError(
+                    f"Checkpoint {filename!r} is truncated or corrupt, or not a detectron2/"
+                    f"Caffe2/pycls model file: {type(e).__name__}: {e}"
+                ) from None
+        loaded = read_pth(filename)
+        if not isinstance(loaded, dict):
+            raise CheckpointLoadError(
+                f"Checkpoint {filename!r} holds a {type(loaded).__name__}, not a dict (a state "
+                "dict or a {'model': state dict, ...} checkpoint)"
+            )
+        # DetectionCheckpointer's rule: a bare state dict is the model's
+        return loaded if "model" in loaded else {"model": loaded}
+
+    def _is_local(self) -> bool:
+        return bool(self.save_dir) and "://" not in self.save_dir
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self._is_local():
+            return super().save(name, **kwargs)
+        if not self.save_to_disk:
+            return
+        # the same content as fvcore's Checkpointer.save
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        _atomic_write(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._is_local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def _other_checkpoints(self, path: str) -> list[str]:
+        others = [os.path.basename(f) for f in self.get_all_checkpoint_files()]
+        return sorted(f for f in others if f != os.path.basename(path))
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+        """As detectron2's, with the file named and a way out when it cannot be read: on resume,
+        the checkpoint named by ``OUTPUT_DIR/last_checkpoint``; else ``path`` (MODEL.WEIGHTS)."""
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            tag = os.path.join(self.save_dir, "last_checkpoint")
+            try:
+                # (only the main process must have the file: detectron2 broadcasts it)
+                if comm.is_main_process() and not os.path.isfile(last):
+                    raise CheckpointLoadError(f"Checkpoint {last!r} (named by {tag!r}) not found")
+                return self.load(last)
+            except CheckpointLoadError as e:
+                others = self._other_checkpoints(last)
+                raise CheckpointLoadError(
+                    f"{e}\nCannot resume from it. Other checkpoints in {self.save_dir!r}: "
+                    f"{', '.join(others) if others else 'none'}. To resume from one, write its "
+                    f"file name into {tag!r}; to start over, delete {tag!r}."
+                ) from None
+        local = "://" not in path
+        try:
+            if path and local and comm.is_main_process() and not os.path.isfile(path):
+                # (only the main process must have the file: detectron2 broadcasts it)
+                raise CheckpointLoadError(f"Checkpoint {path!r} not found")
+            return self.load(path, checkpointables=[])
+        except CheckpointLoadError as e:
+            raise CheckpointLoadError(
+                f"{e}\nIt is MODEL.WEIGHTS: point MODEL.WEIGHTS at a good copy (or another "
+                "checkpoint), or set it to '' to start from scratch."
+            ) from None
