@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from detectron2.data import DatasetMapper
+from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.structures import BoxMode, ImageList
 from detectron2.utils import comm
@@ -173,7 +174,15 @@ class PrototypeRefresh(HookBase):
     features are extracted once per process and cached; images are sharded over ranks and the
     features all-gathered, so every rank selects the same bank. The bank itself lives in the
     model (``distiller`` buffers), hence in every checkpoint; a resumed run skips the refresh
-    that produced the bank it loaded.
+    that produced the bank it loaded. Each prototype's row in the instance sample goes to the
+    bank too (``distiller.proto_index``), so that the checkpoint says which instances the
+    prototypes are (``tools/visualize_prototypes.py`` draws them).
+
+    Each refresh writes to the EventStorage (metrics.json, TensorBoard; not smoothed):
+    ``gkd/refresh_seconds``, ``gkd/pgm_instances`` (the sample's size),
+    ``gkd/pgm_classes_without_prototypes`` and, per class (``thing_classes`` of the first
+    training set, else the index), ``gkd/pgm_instances/<class>`` (its instances in the sample)
+    and ``gkd/pgm_picks/<class>`` (its distinct instances picked as prototypes, all levels).
     """
 
     def __init__(self, cfg, dataset_dicts: list[dict], period: int, model: torch.nn.Module):
@@ -215,6 +224,7 @@ class PrototypeRefresh(HookBase):
                 "instance gets r = 1 (unweighted knowledge)"
             )
             distiller.bank_iter.fill_(iteration)
+            self._put_summaries(time.perf_counter() - start, [[] for _ in range(num_classes)])
             return
         images = sorted(set(inst["image"].tolist()))
         shard = images[comm.get_rank() :: comm.get_world_size()]
@@ -259,6 +269,7 @@ class PrototypeRefresh(HookBase):
         feats_t = self._teacher_cache
 
         empty = []
+        picked: list[list[Tensor]] = [[] for _ in range(num_classes)]  # per class, per level
         for c in range(num_classes):
             rows = torch.nonzero(inst["cls"] == c).flatten()
             if len(rows) == 0:
@@ -277,8 +288,13 @@ class PrototypeRefresh(HookBase):
                 ]
                 device = distiller.protos_s.device
                 distiller.set_bank(
-                    lvl, c, feats_s[lvl][picks].to(device), feats_t[lvl][picks].to(device)
+                    lvl,
+                    c,
+                    feats_s[lvl][picks].to(device),
+                    feats_t[lvl][picks].to(device),
+                    index=picks,
                 )
+                picked[c].append(picks)
         distiller.bank_iter.fill_(iteration)
         seconds = time.perf_counter() - start
         if empty:
@@ -290,11 +306,42 @@ class PrototypeRefresh(HookBase):
             f"PGM refresh at iteration {iteration}: {len(inst['cls'])} instances in {len(images)} "
             f"images ({len(shard)} on this rank), {seconds:.1f}s"
         )
-        storage = self.trainer.storage
-        storage.put_scalars(
-            **{"gkd/refresh_seconds": seconds, "gkd/pgm_instances": float(len(inst["cls"]))},
-            smoothing_hint=False,
-        )
+        self._put_summaries(seconds, picked)
+
+    def _class_names(self, num_classes: int) -> list[str]:
+        """Metric-safe names of the training set's classes (``thing_classes``), else indices."""
+        names = None
+        if self.cfg.DATASETS.TRAIN:
+            names = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
+        if names is None or len(names) != num_classes:
+            return [str(c) for c in range(num_classes)]
+        # a "/" would nest the metric one level deeper in TensorBoard; spaces read badly in tags
+        return [re.sub(r"[\s/]+", "_", str(n)) for n in names]
+
+    def _put_summaries(self, seconds: float, picked: list[list[Tensor]]) -> None:
+        """Write a refresh's summaries to the EventStorage (metrics.json, TensorBoard).
+
+        Args:
+            seconds: the refresh's wall time.
+            picked: per class, per level, the (m,) sample rows picked as prototypes.
+        """
+        inst = self.instances
+        num_classes = len(picked)
+        per_class = torch.bincount(inst["cls"], minlength=num_classes).tolist()
+        scalars = {
+            "gkd/refresh_seconds": seconds,
+            "gkd/pgm_instances": float(len(inst["cls"])),
+            # a class without prototypes trains with r = 1 for all its instances
+            "gkd/pgm_classes_without_prototypes": float(
+                sum(1 for p in picked if sum(len(x) for x in p) == 0)
+            ),
+        }
+        for c, name in enumerate(self._class_names(num_classes)):
+            scalars[f"gkd/pgm_instances/{name}"] = float(per_class[c])
+            # distinct instances over all levels: one instance often represents several
+            distinct = torch.unique(torch.cat(picked[c])) if picked[c] else []
+            scalars[f"gkd/pgm_picks/{name}"] = float(len(distinct))
+        self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
 
     def state_dict(self) -> dict:
         return {} if self.instances is None else {"instances": self.instances}

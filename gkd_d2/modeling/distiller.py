@@ -27,8 +27,12 @@ class GKDDistiller(nn.Module):
 
     The bank is stored in fixed-shape buffers, so it lives in every checkpoint and loads
     strictly: ``protos_s`` (L, K, M, C_S), ``protos_t`` (L, K, M, C_T) and ``proto_counts``
-    (L, K), the number of valid prototypes of each (level, class). ``bank_iter`` is the training
-    iteration whose refresh produced the bank (-1: none yet).
+    (L, K), the number of valid prototypes of each (level, class). ``proto_index`` (L, K, M)
+    int64 says which instance each prototype is: its row in the PGM instance sample (the
+    ``PrototypeRefresh`` hook's ``instances``, kept in the checkpoint's hook state), -1 for an
+    empty slot or an unknown instance (banks set without an index, checkpoints saved before
+    the index existed). ``bank_iter`` is the training iteration whose refresh produced the bank
+    (-1: none yet).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class GKDDistiller(nn.Module):
         self.register_buffer("protos_s", torch.zeros(L, K, M, student_channels))
         self.register_buffer("protos_t", torch.zeros(L, K, M, teacher_channels))
         self.register_buffer("proto_counts", torch.zeros(L, K, dtype=torch.long))
+        self.register_buffer("proto_index", torch.full((L, K, M), -1, dtype=torch.long))
         self.register_buffer("bank_iter", torch.tensor(-1, dtype=torch.long))
         self.robust, self.clamp_r, self.temperature = robust, clamp_r, temperature
         self.fg_weight, self.bg_weight = fg_weight, bg_weight
@@ -118,14 +123,41 @@ class GKDDistiller(nn.Module):
 
     # ---- the bank ------------------------------------------------------------------------------
     @torch.no_grad()
-    def set_bank(self, level: int, cls: int, feats_s: Tensor, feats_t: Tensor) -> None:
-        """Store the (m, C_S) / (m, C_T) prototypes of one (level, class), m <= M."""
+    def set_bank(
+        self,
+        level: int,
+        cls: int,
+        feats_s: Tensor,
+        feats_t: Tensor,
+        index: Tensor | None = None,
+    ) -> None:
+        """Store the prototypes of one (level, class).
+
+        Args:
+            level, cls: the slot.
+            feats_s, feats_t: (m, C_S) / (m, C_T) prototype features, m <= M.
+            index: optional (m,) int64 row of each prototype in the PGM instance sample (what
+                the pictures of ``tools/visualize_prototypes.py`` show); None stores -1.
+        """
         m = feats_s.shape[0]
+        if index is not None and index.shape != (m,):
+            raise ValueError(f"set_bank: {m} prototypes but an index of shape {tuple(index.shape)}")
         self.protos_s[level, cls].zero_()
         self.protos_t[level, cls].zero_()
+        self.proto_index[level, cls].fill_(-1)
         self.protos_s[level, cls, :m] = feats_s
         self.protos_t[level, cls, :m] = feats_t
+        if index is not None:
+            self.proto_index[level, cls, :m] = index.to(self.proto_index)
         self.proto_counts[level, cls] = m
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints saved before proto_index existed still load (strictly too): their
+        # prototypes are real, only which instances they are is unknown (-1)
+        key = prefix + "proto_index"
+        if key not in state_dict and prefix + "protos_s" in state_dict:
+            state_dict[key] = torch.full_like(self.proto_index, -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def bank(self, level: int) -> tuple[Tensor, Tensor, Tensor]:
         """Valid prototypes of a level: (P, C_S), (P, C_T) in class blocks, starts (K + 1,)."""

@@ -1,0 +1,262 @@
+"""Which instances the prototypes are (``proto_index``), the refresh summaries in the metrics,
+and tools/visualize_prototypes.py, for both GKD detectors."""
+
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, setup_test_cfg
+from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from PIL import Image
+
+import gkd_d2  # noqa: F401
+from gkd_d2 import add_gkd_config
+from gkd_d2.engine import PrototypeRefresh, Trainer
+from gkd_d2.engine.prototype_refresh import extract_instance_features
+from gkd_d2.engine.trainer import train_dataset_dicts
+from gkd_d2.modeling import GKDDistiller
+
+spec = importlib.util.spec_from_file_location(
+    "visualize_prototypes", REPO / "tools" / "visualize_prototypes.py"
+)
+vis = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(vis)
+
+CONFIGS = REPO / "tests" / "configs"
+# case -> (teacher config, GKD config)
+CASES = {
+    "retinanet": ("tiny_retinanet.yaml", "tiny_gkd_retinanet.yaml"),
+    "faster_rcnn": ("tiny_faster_rcnn.yaml", "tiny_gkd_faster_rcnn.yaml"),
+}
+K, L, M = 6, 5, 3  # tiny configs: 6 shape classes, 5 FPN levels, NUM_PROTOTYPES 3
+HOOK = ("trainer", "hooks", "PrototypeRefresh", "instances")
+
+
+def teacher_file(teacher_cfg: str, path) -> str:
+    """A tiny teacher's weights (random, fixed seed: the mechanics are under test)."""
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_file(str(CONFIGS / teacher_cfg))
+    torch.manual_seed(123)
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def trained(request, tmp_path_factory):
+    """A GKD model trained for 2 iterations (one refresh, at iteration 0)."""
+    teacher_cfg, gkd_cfg = CASES[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    weights = teacher_file(teacher_cfg, tmp / "teacher.pth")
+    cfg = setup_test_cfg(
+        CONFIGS / gkd_cfg,
+        "OUTPUT_DIR",
+        str(tmp / "run"),
+        "MODEL.TEACHER.WEIGHTS",
+        weights,
+        "SOLVER.MAX_ITER",
+        "2",
+    )
+    trainer = Trainer(cfg)
+    trainer.train()
+    ckpt = tmp / "run" / "model_final.pth"
+    return SimpleNamespace(
+        case=request.param,
+        config=str(CONFIGS / gkd_cfg),
+        weights=weights,
+        cfg=cfg,
+        trainer=trainer,
+        ckpt=ckpt,
+        state=torch.load(ckpt, weights_only=True),
+    )
+
+
+def test_set_bank_index_is_optional_and_never_stale():
+    d = GKDDistiller(
+        strides=[8, 16], student_channels=4, teacher_channels=4, num_classes=3, num_prototypes=3
+    )
+    assert d.proto_index.shape == (2, 3, 3) and (d.proto_index == -1).all()
+    d.set_bank(1, 2, torch.ones(3, 4), torch.ones(3, 4), index=torch.tensor([7, 3, 7]))
+    assert d.proto_index[1, 2].tolist() == [7, 3, 7]
+    d.set_bank(1, 2, torch.ones(1, 4), torch.ones(1, 4), index=torch.tensor([5]))
+    assert d.proto_index[1, 2].tolist() == [5, -1, -1]  # fewer than before: no stale index
+    d.set_bank(1, 2, torch.ones(2, 4), torch.ones(2, 4))  # callers without an index
+    assert d.proto_index[1, 2].tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="index of shape"):
+        d.set_bank(0, 0, torch.ones(2, 4), torch.ones(2, 4), index=torch.tensor([1]))
+    assert "proto_index" in d.state_dict()
+
+
+def test_checkpoint_without_proto_index_loads_strictly_with_unknown_instances(trained):
+    state = {
+        k[len("distiller.") :]: v
+        for k, v in trained.state["model"].items()
+        if k.startswith("distiller.") and k != "distiller.proto_index"
+    }
+    d = trained.trainer.model.distiller
+    other = GKDDistiller(
+        strides=d.strides,
+        student_channels=d.protos_s.shape[-1],
+        teacher_channels=d.protos_t.shape[-1],
+        num_classes=K,
+        num_prototypes=M,
+    )
+    other.load_state_dict(state)  # strict
+    assert torch.equal(other.protos_s, d.protos_s) and (other.proto_index == -1).all()
+
+
+def test_proto_index_names_the_sampled_instances(trained):
+    model_state = trained.state["model"]
+    index = model_state["distiller.proto_index"]
+    counts = model_state["distiller.proto_counts"]
+    inst = trained.state
+    for key in HOOK:
+        inst = inst[key]
+    assert index.shape == (L, K, M) and index.dtype == torch.long
+    assert (counts > 0).all()
+    filled = torch.arange(M)[None, None, :] < counts[:, :, None]
+    # -1 exactly in the slots past the count; valid sample rows elsewhere
+    assert ((index == -1) == ~filled).all()
+    assert ((index[filled] >= 0) & (index[filled] < len(inst["cls"]))).all()
+    # the instance in slot (level, class, j) is of that class
+    slot_class = torch.arange(K)[None, :, None].expand(L, K, M)
+    assert torch.equal(inst["cls"][index[filled]], slot_class[filled])
+    # and the teacher prototype is that instance's box-crop feature at that level (the
+    # teacher is frozen, so its features now are the refresh's)
+    model = trained.trainer.model
+    mapper = DatasetMapper(trained.cfg, is_train=False)
+    dicts = train_dataset_dicts(trained.cfg)
+    rows = torch.unique(index[filled])
+    images = sorted(set(inst["image"][rows].tolist()))
+    ids, feats_t = extract_instance_features(
+        model.teacher.features,
+        lambda i: mapper(dict(dicts[i])),
+        inst,
+        images,
+        list(model.distill_in_features),
+        model.distiller.strides,
+    )
+    position = {int(r): p for p, r in enumerate(ids)}
+    protos_t = model_state["distiller.protos_t"]
+    for lvl in range(L):
+        for c in range(K):
+            m = int(counts[lvl, c])
+            expected = feats_t[lvl][[position[int(r)] for r in index[lvl, c, :m]]]
+            torch.testing.assert_close(protos_t[lvl, c, :m], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_summaries_in_metrics(trained):
+    names = MetadataCatalog.get(trained.cfg.DATASETS.TRAIN[0]).thing_classes
+    inst = trained.state
+    for key in HOOK:
+        inst = inst[key]
+    index = trained.state["model"]["distiller.proto_index"]
+    expected = {
+        "gkd/pgm_instances": float(len(inst["cls"])),
+        "gkd/pgm_classes_without_prototypes": 0.0,
+    }
+    for c, name in enumerate(names):
+        expected[f"gkd/pgm_instances/{name}"] = float((inst["cls"] == c).sum())
+        picks = index[:, c][index[:, c] >= 0]
+        expected[f"gkd/pgm_picks/{name}"] = float(len(torch.unique(picks)))
+        assert (
+            0
+            < expected[f"gkd/pgm_picks/{name}"]
+            <= min(L * M, expected[f"gkd/pgm_instances/{name}"])
+        )
+    history = trained.trainer.storage.histories()
+    assert {k: history[k].latest() for k in expected} == expected
+    # in metrics.json too, at the refresh's iteration
+    lines = (trained.ckpt.parent / "metrics.json").read_text().splitlines()
+    first = next(json.loads(x) for x in lines if "gkd/pgm_picks/circle" in x)
+    assert first["iteration"] == 0
+    assert {k: first[k] for k in expected} == expected
+
+
+def test_refresh_summaries_without_qualifying_instances(trained, tmp_path):
+    cfg = setup_test_cfg(
+        trained.config, "OUTPUT_DIR", str(tmp_path), "MODEL.GKD.MIN_BOX_SIZE", "1000"
+    )
+    hook = PrototypeRefresh(cfg, train_dataset_dicts(cfg), 3, Trainer.build_model(cfg))
+    with EventStorage(0) as storage:
+        hook.trainer = SimpleNamespace(storage=storage)
+        hook.refresh(0)
+        latest = {k: v[0] for k, v in storage.latest().items()}
+    assert latest["gkd/pgm_instances"] == 0.0
+    assert latest["gkd/pgm_classes_without_prototypes"] == float(K)
+    assert latest["gkd/pgm_instances/star"] == 0.0 and latest["gkd/pgm_picks/star"] == 0.0
+
+
+def test_tool_writes_pictures_and_json(trained, tmp_path, capsys):
+    out = tmp_path / "vis"
+    cell = 48
+    argv = ["--config-file", trained.config, "--checkpoint", str(trained.ckpt)]
+    argv += ["--output", str(out), "--max-images", "6", "--cell-size", str(cell)]
+    assert vis.main([*argv, "MODEL.TEACHER.WEIGHTS", trained.weights]) == 0
+    printed = capsys.readouterr().out
+    assert "circle" in printed and "occluded:" in printed
+
+    # the grid: a label column, M cells of cell + GAP; a header, K * L rows of
+    # cell + caption + GAP
+    grid = Image.open(out / "prototypes.png")
+    assert grid.size == (120 + M * (cell + 4) + 4, 24 + K * L * (cell + 14 + 4) + 4)
+    pixels = np.asarray(grid.convert("RGB"))
+    assert (pixels == (255, 40, 40)).all(axis=-1).any()  # boxes drawn
+    hist = Image.open(out / "robustness.png")
+    assert hist.size == (800, 500)
+    assert (out / "prototypes.png").stat().st_size > 0 and (out / "robustness.png").stat().st_size
+
+    summary = json.loads((out / "robustness.json").read_text())
+    assert summary["images"] == 6 and summary["instances"] > 0
+    assert sum(summary["histogram"]["counts"]) == summary["instances"]
+    groups = [summary, *summary["per_class"].values(), *summary["per_level"].values()]
+    for flag in ("occluded", "blurred"):  # the embedded scenes carry both flags
+        groups += summary[flag].values()
+        assert sum(g["instances"] for g in summary[flag].values()) == summary["instances"]
+    assert sum(g["instances"] for g in summary["per_class"].values()) == summary["instances"]
+    for g in groups:
+        assert g["mean_r"] is None or 0.0 <= g["mean_r"] <= 1.0
+    assert set(summary["per_class"]) == set(
+        MetadataCatalog.get("gkd_scenes_tiny_train").thing_classes
+    )
+
+
+def test_grid_of_some_classes(trained):
+    bank = vis.load_bank_state(str(trained.ckpt))
+    model = trained.trainer.model
+    names = vis.class_names(trained.cfg, K)
+    classes = vis._select_classes("star,0", names)
+    assert classes == [5, 0]
+    grid = vis.draw_prototypes(
+        bank,
+        train_dataset_dicts(trained.cfg),
+        names,
+        list(model.distill_in_features),
+        model.distiller.strides,
+        cell=32,
+        classes=classes,
+    )
+    assert grid.size == (120 + M * (32 + 4) + 4, 24 + 2 * L * (32 + 14 + 4) + 4)
+
+
+def test_old_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
+    old = {**trained.state, "model": dict(trained.state["model"])}
+    del old["model"]["distiller.proto_index"]
+    path = tmp_path / "old.pth"
+    torch.save(old, path)
+    argv = ["--config-file", trained.config, "--checkpoint", str(path), "--output", str(tmp_path)]
+    assert vis.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "'distiller.proto_index'" in err
+    assert not (tmp_path / "prototypes.png").exists()
+
+    no_hooks = {"model": trained.state["model"]}  # e.g. an exported model
+    torch.save(no_hooks, path)
+    assert vis.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "'trainer'" in err

@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+"""Pictures of a GKD checkpoint's global knowledge: its prototypes and its robustness weights.
+
+    python tools/visualize_prototypes.py --config-file CONFIG --checkpoint MODEL.pth \\
+        --output DIR [--max-images N] [--cell-size PX] [--context F] [--classes A,B] \\
+        [KEY VALUE ...]
+
+CONFIG is the GKD config the checkpoint was trained with (trailing ``KEY VALUE`` pairs override
+it, e.g. ``MODEL.TEACHER.WEIGHTS path``); MODEL.pth a GKD training checkpoint (model state with
+the prototype bank, hook state with the PGM instance sample). Writes to DIR:
+
+* ``prototypes.png``: one grid for all levels. One row per (class, FPN level), classes outer,
+  levels inner (class 0 at P3..P7, then class 1, ...); one column per prototype slot (M =
+  ``MODEL.GKD.NUM_PROTOTYPES``). A cell is the prototype instance's image crop (a square of
+  side (1 + 2 * context) * the box's longer side, centred on the box, clipped to the image),
+  scaled to fit ``--cell-size`` pixels, with the box in red and a caption (sample row, dataset
+  image index); empty slots are grey. Each row starts with a label: class name, level name and
+  stride, prototype count. Size: ``LABEL_WIDTH + M * (cell + GAP) + GAP`` by
+  ``HEADER_HEIGHT + rows * (cell + CAPTION_HEIGHT + GAP) + GAP`` pixels.
+* ``robustness.png``: the histogram (20 bins on [0, 1]) of the robustness weight r of the
+  ground-truth boxes of the first ``--max-images`` training images, 800 x 500 pixels. r is the
+  distiller's own (``GKDDistiller.robustness_at``): box-crop means of the student's and the
+  teacher's FPN maps at the box's level (the official box-size rule, ``assign_levels``),
+  against the checkpoint's prototypes; a class without prototypes has r = 1, as in training.
+* ``robustness.json``: the mean r overall, per class, per level and, when the annotations
+  carry ``occluded`` / ``blurred`` flags (the embedded scenes do), for flagged vs unflagged
+  boxes; the histogram's counts. The per-class means are printed too.
+
+Works for GKDRetinaNet and GKDRCNN students; needs the teacher's weights
+(``MODEL.TEACHER.WEIGHTS``) for r, not for the prototypes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import BoxMode
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+
+from gkd_d2.checkpoint import CheckpointLoadError, GKDCheckpointer, read_pth
+
+# the layout of prototypes.png, in pixels
+LABEL_WIDTH = 120  # row labels on the left
+HEADER_HEIGHT = 24  # title line
+CAPTION_HEIGHT = 14  # under each crop
+GAP = 4  # between and around cells
+# the layout of robustness.png: 800 x 500 pixels
+HIST_FIGSIZE, HIST_DPI, HIST_BINS = (8.0, 5.0), 100, 20
+
+BACKGROUND = (255, 255, 255)
+EMPTY_CELL = (225, 225, 225)
+CELL_BACKGROUND = (40, 40, 40)
+BOX_COLOUR = (255, 40, 40)
+TEXT = (0, 0, 0)
+
+HOOK_KEY = ("trainer", "hooks", "PrototypeRefresh", "instances")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint lacks what the pictures need (named in the message)."""
+
+
+def build_cfg(config_file: str, opts: list[str]) -> CfgNode:
+    """The frozen config of ``config_file`` with ``KEY VALUE`` overrides, on the CPU when CUDA
+    is asked for but absent. Unlike ``setup_cfg`` it writes nothing to OUTPUT_DIR."""
+    from gkd_d2 import add_gkd_config
+
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def load_bank_state(path: str) -> dict:
+    """The prototype bank and the PGM instance sample of a GKD training checkpoint.
+
+    Returns:
+        ``proto_index`` (L, K, M) int64, ``proto_counts`` (L, K), ``bank_iter`` (int) and
+        ``instances`` (the sample: ``image`` (N,), ``cls`` (N,), ``box`` (N, 4) XYXY original
+        pixels).
+
+    Raises:
+        CheckpointError naming the file and the missing key: no bank index (a checkpoint
+        saved before ``proto_index`` existed), no hook state (not a GKD training checkpoint, or
+        a model-only export), or a bank with prototypes whose instances were not recorded.
+    """
+    try:
+        ckpt = read_pth(path)
+    except CheckpointLoadError as e:
+        raise CheckpointError(str(e)) from None
+    model_state = ckpt.get("model", {}) if isinstance(ckpt, dict) else {}
+    out: dict = {}
+    for name in ("proto_index", "proto_counts", "bank_iter"):
+        key = f"distiller.{name}"
+        if key not in model_state:
+            hint = (
+                " (saved before GKD recorded which instances the prototypes are: train again, "
+                "or resume training past a prototype refresh, with this version)"
+                if name == "proto_index" and "distiller.protos_s" in model_state
+                else " (not a GKD checkpoint?)"
+            )
+            raise CheckpointError(f"{path}: no '{key}' in the checkpoint's model state{hint}")
+        out[name] = model_state[key]
+    state = ckpt
+    for depth, key in enumerate(HOOK_KEY):
+        if not isinstance(state, dict) or key not in state:
+            where = "/".join(HOOK_KEY[: depth + 1])
+            raise CheckpointError(
+                f"{path}: no '{where}' in the checkpoint: the PGM instance sample is hook state "
+                "of a GKD training checkpoint written by gkd_d2's Trainer (the local-only "
+                "baseline, MODEL.GKD.ROBUST_WEIGHTS False, has no prototypes)"
+            )
+        state = state[key]
+    out["instances"] = state
+    out["bank_iter"] = int(out["bank_iter"])
+    index, counts = out["proto_index"], out["proto_counts"]
+    filled = torch.arange(index.shape[2])[None, None, :] < counts[:, :, None]
+    if bool((index[filled] < 0).any()):
+        raise CheckpointError(
+            f"{path}: 'distiller.proto_index' is -1 for prototypes that exist: the bank came "
+            "from a checkpoint without instance indices and has not been refreshed since"
+        )
+    if bool((index[filled] >= len(state["cls"])).any()):
+        raise CheckpointError(
+            f"{path}: 'distiller.proto_index' points past the {len(state['cls'])} instances of "
+            f"'{'/'.join(HOOK_KEY)}'"
+        )
+    return out
+
+
+def class_names(cfg: CfgNode, num_classes: int) -> list[str]:
+    """``thing_classes`` of the first training set, else the class indices."""
+    names = None
+    if cfg.DATASETS.TRAIN:
+        names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
+    if names is None or len(names) != num_classes:
+        return [str(c) for c in range(num_classes)]
+    return [str(n) for n in names]
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+    """``text`` shortened (with "...") to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def crop_with_box(image: np.ndarray, box: Tensor, cell: int, context: float) -> Image.Image:
+    """A ``cell`` x ``cell`` picture of one instance: a square window around its box.
+
+    Args:
+        image: (H, W, 3) uint8 RGB image.
+        box: (4,) XYXY box in the image's pixels.
+        cell: side of the output in pixels.
+        context: margin on each side, as a fraction of the box's longer side.
+
+    Returns:
+        The crop scaled to fit the cell (aspect kept, centred on a dark background), the box
+        drawn in red.
+    """
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = box.tolist()
+    # a square window, so that long thin boxes keep their surroundings on the short side
+    half = max(x2 - x1, y2 - y1, 1.0) * (0.5 + context)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top = int(max(0, np.floor(cx - half))), int(max(0, np.floor(cy - half)))
+    right, bottom = int(min(w, np.ceil(cx + half))), int(min(h, np.ceil(cy + half)))
+    right, bottom = max(right, left + 1), max(bottom, top + 1)
+    crop = Image.fromarray(np.ascontiguousarray(image[top:bottom, left:right]))
+    scale = cell / max(right - left, bottom - top)
+    size = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
+    crop = crop.resize(size, Image.BILINEAR)
+    out = Image.new("RGB", (cell, cell), CELL_BACKGROUND)
+    ox, oy = (cell - size[0]) // 2, (cell - size[1]) // 2
+    out.paste(crop, (ox, oy))
+    ImageDraw.Draw(out).rectangle(
+        [
+            ox + (x1 - left) * scale,
+            oy + (y1 - top) * scale,
+            ox + (x2 - left) * scale - 1,
+            oy + (y2 - top) * scale - 1,
+        ],
+        outline=BOX_COLOUR,
+        width=2,
+    )
+    return out
+
+
+def draw_prototypes(
+    bank: dict,
+    dataset_dicts: list[dict],
+    names: list[str],
+    level_names: list[str],
+    strides: list[int],
+    cell: int = 96,
+    context: float = 0.5,
+    classes: list[int] | None = None,
+    title: str = "",
+) -> Image.Image:
+    """The prototype grid (layout: module docstring).
+
+    Args:
+        bank: :func:`load_bank_state`'s output; ``proto_index`` (L, K, M).
+        dataset_dicts: the training set in loader order (``instances["image"]`` indexes it).
+        names: K class names; level_names, strides: the L distilled levels.
+        classes: the classes to draw (rows), default all.
+    """
+    index, counts, inst = bank["proto_index"], bank["proto_counts"], bank["instances"]
+    L, K, M = index.shape
+    classes = list(range(K)) if classes is None else classes
+    rows = [(c, lvl) for c in classes for lvl in range(L)]
+    width = LABEL_WIDTH + M * (cell + GAP) + GAP
+    height = HEADER_HEIGHT + len(rows) * (cell + CAPTION_HEIGHT + GAP) + GAP
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw.text((GAP, GAP), _fit(draw, title, width - 2 * GAP, font), fill=TEXT, font=font)
+    images: dict[int, np.ndarray] = {}  # an image holds prototypes of several rows: read once
+    for r, (c, lvl) in enumerate(rows):
+        y = HEADER_HEIGHT + r * (cell + CAPTION_HEIGHT + GAP)
+        m = int(counts[lvl, c])
+        label = [names[c], f"{level_names[lvl]} (stride {strides[lvl]})", f"{m} prototypes"]
+        for i, line in enumerate(label):
+            draw.text(
+                (GAP, y + i * 14),
+                _fit(draw, line, LABEL_WIDTH - 2 * GAP, font),
+                fill=TEXT,
+                font=font,
+            )
+        for j in range(M):
+            x = LABEL_WIDTH + GAP + j * (cell + GAP)
+            if j >= m:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=EMPTY_CELL)
+                continue
+            row = int(index[lvl, c, j])
+            image_id = int(inst["image"][row])
+            if image_id not in images:
+                images[image_id] = read_image(dataset_dicts[image_id]["file_name"], format="RGB")
+            canvas.paste(crop_with_box(images[image_id], inst["box"][row], cell, context), (x, y))
+            caption = _fit(draw, f"#{row} img {image_id}", cell, font)
+            draw.text((x, y + cell + 1), caption, fill=TEXT, font=font)
+    return canvas
+
+
+def gt_boxes_of(d: dict, height: int, width: int) -> tuple[Tensor, Tensor, list[dict]]:
+    """A dataset dict's non-crowd ground truth, boxes scaled to a resized image.
+
+    Returns:
+        boxes: (n, 4) XYXY in the resized (``height``, ``width``) image's pixels;
+        classes: (n,) int64; annotations: the n annotation dicts (for their flags).
+    """
+    anns = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
+    boxes = torch.tensor(
+        [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
+        dtype=torch.float32,
+    ).reshape(-1, 4)
+    boxes = boxes * torch.tensor([width / d["width"], height / d["height"]] * 2)
+    return boxes, torch.tensor([a["category_id"] for a in anns], dtype=torch.long), anns
+
+
+@torch.no_grad()
+def robustness_of_boxes(
+    model: nn.Module, teacher, cfg: CfgNode, dataset_dicts: list[dict], max_images: int
+) -> dict:
+    """r of every ground-truth box of the first ``max_images`` training images.
+
+    Each image goes alone through the test-time mapper, the student's and the teacher's
+    backbones (eval mode); a box's descriptors are the box-crop means at its level (official
+    box-size rule over the distilled levels), and r is ``model.distiller.robustness_at``.
+
+    Returns:
+        ``r`` (N,) float, ``cls`` (N,) int64, ``level`` (N,) int64 and ``occluded`` /
+        ``blurred`` (N,) int8 (1 flagged, 0 not, -1 no flag); ``images``: images used.
+    """
+    from gkd_d2.distill import assign_levels, box_crop_mean
+
+    model.eval()
+    distiller = model.distiller
+    level_names, strides = list(model.distill_in_features), distiller.strides
+    mapper = DatasetMapper(cfg, is_train=False)
+    out: dict[str, list] = {k: [] for k in ("r", "cls", "level", "occluded", "blurred")}
+    used = dataset_dicts[:max_images]
+    for d in used:
+        inputs = [mapper(dict(d))]
+        images = model.preprocess_image(inputs)
+        feats_s = model.backbone(images.tensor)
+        feats_t, _ = teacher.features(inputs)
+        h, w = images.image_sizes[0]
+        boxes, classes, anns = gt_boxes_of(d, h, w)
+        if len(boxes) == 0:
+            continue
+        device = images.tensor.device
+        boxes, classes = boxes.to(device), classes.to(device)
+        levels = assign_levels(boxes, len(level_names))
+        batch_idx = torch.zeros_like(classes)
+        desc_s = boxes.new_zeros(len(boxes), distiller.protos_s.shape[-1])
+        desc_t = boxes.new_zeros(len(boxes), distiller.protos_t.shape[-1])
+        for lvl, (name, stride) in enumerate(zip(level_names, strides)):
+            sel = levels == lvl
+            if bool(sel.any()):
+                desc_s[sel] = box_crop_mean(feats_s[name], boxes[sel], batch_idx[sel], stride)
+                desc_t[sel] = box_crop_mean(feats_t[name], boxes[sel], batch_idx[sel], stride)
+        out["r"].append(distiller.robustness_at(desc_s, desc_t, classes, levels).float().cpu())
+        out["cls"].append(classes.cpu())
+        out["level"].append(levels.cpu())
+        for flag in ("occluded", "blurred"):
+            values = [int(bool(a[flag])) if flag in a else -1 for a in anns]
+            out[flag].append(torch.tensor(values, dtype=torch.int8))
+    result = {
+        k: torch.cat(v) if v else torch.zeros(0, dtype=torch.float32 if k == "r" else torch.long)
+        for k, v in out.items()
+    }
+    result["images"] = len(used)
+    return result
+
+
+def _mean_of(r: Tensor) -> dict:
+    return {"instances": len(r), "mean_r": float(r.mean()) if len(r) else None}
+
+
+def summarize(result: dict, names: list[str], level_names: list[str]) -> dict:
+    """robustness.json's content from :func:`robustness_of_boxes`' output."""
+    r = result["r"]
+    # [0, 1] unless r is unclamped (MODEL.GKD.CLAMP_R False) and leaves it
+    lo = min(0.0, float(r.min())) if len(r) else 0.0
+    hi = max(1.0, float(r.max())) if len(r) else 1.0
+    counts, edges = np.histogram(r.numpy(), bins=HIST_BINS, range=(lo, hi))
+    summary = {
+        "images": result["images"],
+        **_mean_of(r),
+        "per_class": {n: _mean_of(r[result["cls"] == c]) for c, n in enumerate(names)},
+        "per_level": {n: _mean_of(r[result["level"] == i]) for i, n in enumerate(level_names)},
+        "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+    }
+    for flag in ("occluded", "blurred"):
+        flags = result[flag]
+        if bool((flags >= 0).any()):  # only datasets that record the flag
+            summary[flag] = {"true": _mean_of(r[flags == 1]), "false": _mean_of(r[flags == 0])}
+    return summary
+
+
+def draw_histogram(r: Tensor, summary: dict, path: Path, title: str) -> None:
+    """robustness.png: the histogram of r, HIST_FIGSIZE at HIST_DPI (800 x 500 pixels)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=HIST_FIGSIZE, dpi=HIST_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    edges = summary["histogram"]["edges"]
+    ax.hist(r.numpy(), bins=edges, color="tab:blue", edgecolor="white")
+    if summary["mean_r"] is not None:
+        ax.axvline(summary["mean_r"], color="tab:red", linestyle="--", label="mean")
+        ax.legend()
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("robustness weight r")
+    ax.set_ylabel("ground-truth boxes")
+    mean = "-" if summary["mean_r"] is None else f"{summary['mean_r']:.3f}"
+    ax.set_title(
+        f"{title}\n{summary['instances']} boxes in {summary['images']} images, mean {mean}"
+    )
+    fig.tight_layout()
+    # no bbox_inches="tight": the file keeps the figure's exact pixel size
+    fig.savefig(path, dpi=HIST_DPI)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, help="the GKD config of the checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="a GKD training checkpoint (.pth)")
+    parser.add_argument("--output", required=True, help="folder for the pictures and json")
+    parser.add_argument("--max-images", type=int, default=200, help="training images for r")
+    parser.add_argument("--cell-size", type=int, default=96, help="crop side in pixels")
+    parser.add_argument(
+        "--context", type=float, default=0.5, help="crop margin per side / the box's longer side"
+    )
+    parser.add_argument(
+        "--classes", default="", help="comma-separated class names or indices to draw (all)"
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def _select_classes(spec: str, names: list[str]) -> list[int] | None:
+    if not spec:
+        return None
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in names:
+            out.append(names.index(item))
+        elif item.isdigit() and int(item) < len(names):
+            out.append(int(item))
+        else:
+            raise ValueError(f"--classes: {item!r} is not one of {names} nor an index")
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    """Write the pictures and the json (module docstring); CheckpointError when they cannot be."""
+    import gkd_d2  # noqa: F401  (registers datasets, backbones, meta-architectures)
+    from gkd_d2.engine import Trainer
+    from gkd_d2.engine.trainer import train_dataset_dicts
+    from gkd_d2.teacher import build_teacher
+
+    bank = load_bank_state(args.checkpoint)  # first: a wrong file fails before any building
+    cfg = build_cfg(args.config_file, args.opts)
+    model = Trainer.build_model(cfg)
+    if not hasattr(model, "distiller"):
+        raise CheckpointError(
+            f"{args.config_file} builds a {type(model).__name__}, not a GKD student "
+            "(GKDRetinaNet, GKDRCNN)"
+        )
+    if bank["proto_index"].shape != model.distiller.proto_index.shape:
+        raise CheckpointError(
+            f"{args.checkpoint}: a bank of shape {tuple(bank['proto_index'].shape)} (levels, "
+            f"classes, prototypes) but {args.config_file} gives "
+            f"{tuple(model.distiller.proto_index.shape)}"
+        )
+    GKDCheckpointer(model).load(args.checkpoint)
+    model.eval()
+    dataset_dicts = train_dataset_dicts(cfg)
+    sample = bank["instances"]
+    if len(sample["image"]) and int(sample["image"].max()) >= len(dataset_dicts):
+        raise CheckpointError(
+            f"{args.checkpoint}: the instance sample indexes images past the "
+            f"{len(dataset_dicts)} of {cfg.DATASETS.TRAIN}: trained on another training set"
+        )
+    names = class_names(cfg, bank["proto_index"].shape[1])
+    level_names, strides = list(model.distill_in_features), list(model.distiller.strides)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    title = (
+        f"{Path(args.checkpoint).name}: prototypes of the refresh at iteration "
+        f"{bank['bank_iter']} ({len(sample['cls'])} sampled instances)"
+    )
+    grid = draw_prototypes(
+        bank,
+        dataset_dicts,
+        names,
+        level_names,
+        strides,
+        args.cell_size,
+        args.context,
+        _select_classes(args.classes, names),
+        title,
+    )
+    grid.save(out / "prototypes.png")
+    print(f"wrote {out / 'prototypes.png'} ({grid.width} x {grid.height})")
+
+    teacher = build_teacher(cfg)
+    result = robustness_of_boxes(model, teacher, cfg, dataset_dicts, args.max_images)
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "bank_iter": bank["bank_iter"],
+        **summarize(result, names, level_names),
+    }
+    (out / "robustness.json").write_text(json.dumps(summary, indent=1) + "\n")
+    draw_histogram(result["r"], summary, out / "robustness.png", Path(args.checkpoint).name)
+    print(f"r of {summary['instances']} ground-truth boxes in {summary['images']} images:")
+    for name, s in summary["per_class"].items():
+        mean = "-" if s["mean_r"] is None else f"{s['mean_r']:.3f}"
+        print(f"  {name:<20} {s['instances']:6d} boxes  mean r {mean}")
+    for flag in ("occluded", "blurred"):
+        if flag in summary:
+            parts = [
+                f"{k} {v['mean_r']:.3f} ({v['instances']} boxes)"
+                for k, v in summary[flag].items()
+                if v["mean_r"] is not None
+            ]
+            print(f"  {flag}: " + ", ".join(parts))
+    print(f"wrote {out / 'robustness.png'} and {out / 'robustness.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (module docstring); 0 on success, 2 on an unusable checkpoint."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except CheckpointError as e:
+        print(f"visualize_prototypes: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
