@@ -73,6 +73,7 @@ def test_exported_student_evaluates_exactly_as_the_gkd_model(trained, tmp_path):
     plain_results = DefaultTrainer.test(
         plain_cfg, plain_model, evaluators=[COCOEvaluator(name, output_dir=str(tmp_path / "ev"))]
     )
+
     def nan_as_none(d):
         return {k: None if v != v else v for k, v in d.items()}
 
