@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gkd_d2-installed
 
-.PHONY: install demo test lint clean-venv
+.PHONY: install demo test lint bench-perf clean-venv
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# the performance benchmarks of docs/performance.md (about 10 minutes on 2 cores)
+bench-perf: install
+	PYTHON=$(PY) bash benchmarks/run_all.sh
 
 lint: install
 	$(PY) -m ruff check .

@@ -47,6 +47,8 @@ def add_gkd_config(cfg: CN) -> CN:
     # image of the batch changes features near the borders of smaller ones (official: 1)
     g.EXTRACT_BATCH_SIZE = 1
     # ---- RDM: robust distillation
+    # student -> teacher adapter per FPN level: 3 (official 3x3 conv) or 1 (1x1, cheaper)
+    g.ADAPTER_KERNEL = 3
     g.ROBUST_WEIGHTS = True  # False: binary fg mask and unweighted soft labels (local-only KD)
     g.CLAMP_R = True  # clamp r to [0, 1] (official: unclamped, practically never matters)
     g.TEMPERATURE = 2.0

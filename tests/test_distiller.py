@@ -175,3 +175,44 @@ def test_zero_weight_terms_are_not_computed_and_extra_weights_must_match():
 
     with pytest.raises(ValueError, match="1 extra terms, 2 weights"):
         make_distiller(extra_terms=torch.nn.ModuleList([torch.nn.Identity()]), extra_weights=[1, 2])
+
+
+def test_adapter_kernel_option():
+    import pytest
+
+    d = make_distiller(adapter_kernel=1)
+    assert d.adapters[0].weight.shape == (4, 4, 1, 1)
+    feats, boxes, bidx, classes, levels = batch()
+    losses, _ = d(feats, feats, boxes, bidx, classes, levels, torch.zeros(3, 3), torch.zeros(3, 3))
+    assert losses["loss_gkd_bg"] > 0  # maps of the right size reach the losses
+    assert make_distiller().adapters[0].weight.shape == (4, 4, 3, 3)  # official default
+    with pytest.raises(ValueError, match="ADAPTER_KERNEL must be 1 or 3, not 5"):
+        make_distiller(adapter_kernel=5)
+
+
+def test_losses_are_fp32_under_autocast_and_half_inputs():
+    """AMP: bf16 maps and logits under CPU autocast still give fp32 losses equal (to bf16
+    rounding of the inputs) to the fp32 computation on the same rounded inputs."""
+    d = make_distiller()
+    for lvl in range(2):
+        for c in range(3):
+            d.set_bank(lvl, c, torch.rand(2, 4), torch.rand(2, 4))
+    feats, boxes, bidx, classes, levels = batch()
+    half = [f.bfloat16() for f in feats]
+    teacher = [(f + 0.5).bfloat16() for f in feats]
+    zs, zt = torch.randn(3, 3).bfloat16(), torch.randn(3, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, _ = d(half, teacher, boxes, bidx, classes, levels, zs, zt)
+    reference, _ = d(
+        [f.float() for f in half],
+        [f.float() for f in teacher],
+        boxes,
+        bidx,
+        classes,
+        levels,
+        zs.float(),
+        zt.float(),
+    )
+    for k, v in losses.items():
+        assert v.dtype == torch.float32, k
+        torch.testing.assert_close(v, reference[k])

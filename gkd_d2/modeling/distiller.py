@@ -44,6 +44,7 @@ class GKDDistiller(nn.Module):
         num_classes: int,
         num_prototypes: int,
         robust: bool = True,
+        adapter_kernel: int = 3,
         clamp_r: bool = True,
         temperature: float = 2.0,
         fg_weight: float = 1.0,
@@ -61,9 +62,16 @@ class GKDDistiller(nn.Module):
             )
         self.strides = list(strides)
         L, K, M = len(strides), num_classes, num_prototypes
-        # 3x3, padding 1, no activation: keeps the map size (spec section 4.3, pitfall 11).
+        if adapter_kernel not in (1, 3):
+            raise ValueError(f"MODEL.GKD.ADAPTER_KERNEL must be 1 or 3, not {adapter_kernel}")
+        # 3x3, padding 1, no activation: keeps the map size (spec section 4.3, pitfall 11);
+        # 1x1 is the cheaper option (about a quarter of a Faster R-CNN step goes to 3x3
+        # adapters on P2 at 256 channels on the CPU: docs/performance.md)
         self.adapters = nn.ModuleList(
-            nn.Conv2d(student_channels, teacher_channels, 3, padding=1) for _ in range(L)
+            nn.Conv2d(
+                student_channels, teacher_channels, adapter_kernel, padding=adapter_kernel // 2
+            )
+            for _ in range(L)
         )
         self.register_buffer("protos_s", torch.zeros(L, K, M, student_channels))
         self.register_buffer("protos_t", torch.zeros(L, K, M, teacher_channels))
@@ -110,6 +118,7 @@ class GKDDistiller(nn.Module):
             num_classes=num_classes,
             num_prototypes=g.NUM_PROTOTYPES,
             robust=g.ROBUST_WEIGHTS,
+            adapter_kernel=g.ADAPTER_KERNEL,
             clamp_r=g.CLAMP_R,
             temperature=g.TEMPERATURE,
             fg_weight=g.FG_WEIGHT,
@@ -224,7 +233,41 @@ class GKDDistiller(nn.Module):
             losses: ``loss_gkd_fg``, ``loss_gkd_bg``, ``loss_gkd_soft``, ``loss_gkd_global``
             and the extra terms' losses, each only when its weight is not 0; stats: r mean /
             min / fraction below 0.5 (when r is computed) and the instance count (floats).
+            Computed in fp32 whatever the inputs' dtype or autocast (AMP) says.
         """
+        # the math in fp32 under AMP: fp16 squared feature differences, cosines and KLs
+        # overflow or lose the small terms; the adapters then run in fp32 too (cheap)
+        with torch.autocast(device_type=student_feats[0].device.type, enabled=False):
+            desc = soft_descriptors
+            if desc is not None:
+                desc = (desc[0].float(), desc[1].float(), desc[2])
+            return self._losses(
+                [f.float() for f in student_feats],
+                [f.float() for f in teacher_feats],
+                boxes.float(),
+                batch_idx,
+                classes,
+                levels,
+                student_logits.float(),
+                teacher_logits.float(),
+                attenuation,
+                desc,
+            )
+
+    def _losses(
+        self,
+        student_feats: list[Tensor],
+        teacher_feats: list[Tensor],
+        boxes: Tensor,
+        batch_idx: Tensor,
+        classes: Tensor,
+        levels: Tensor,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        attenuation: float,
+        soft_descriptors: tuple[Tensor, Tensor, Tensor] | None,
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """:meth:`forward` on fp32 inputs, autocast off."""
         L, N = len(self.strides), len(boxes)
         if len(student_feats) != L or len(teacher_feats) != L:
             raise ValueError(
