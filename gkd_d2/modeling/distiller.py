@@ -203,6 +203,8 @@ class GKDDistiller(nn.Module):
         return r.detach()
 
     # ---- the losses ----------------------------------------------------------------------------
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(
         self,
         student_feats: list[Tensor],
@@ -235,39 +237,16 @@ class GKDDistiller(nn.Module):
             min / fraction below 0.5 (when r is computed) and the instance count (floats).
             Computed in fp32 whatever the inputs' dtype or autocast (AMP) says.
         """
-        # the math in fp32 under AMP: fp16 squared feature differences, cosines and KLs
-        # overflow or lose the small terms; the adapters then run in fp32 too (cheap)
-        with torch.autocast(device_type=student_feats[0].device.type, enabled=False):
-            desc = soft_descriptors
-            if desc is not None:
-                desc = (desc[0].float(), desc[1].float(), desc[2])
-            return self._losses(
-                [f.float() for f in student_feats],
-                [f.float() for f in teacher_feats],
-                boxes.float(),
-                batch_idx,
-                classes,
-                levels,
-                student_logits.float(),
-                teacher_logits.float(),
-                attenuation,
-                desc,
-            )
-
-    def _losses(
-        self,
-        student_feats: list[Tensor],
-        teacher_feats: list[Tensor],
-        boxes: Tensor,
-        batch_idx: Tensor,
-        classes: Tensor,
-        levels: Tensor,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        attenuation: float,
-        soft_descriptors: tuple[Tensor, Tensor, Tensor] | None,
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """:meth:`forward` on fp32 inputs, autocast off."""
+        # the math in fp32 under AMP (autocast is off for this method: see the decorators):
+        # fp16 squared feature differences, cosines and KLs overflow or lose the small terms;
+        # the adapters then run in fp32 too (cheap). .float() of an fp32 tensor is itself.
+        student_feats = [f.float() for f in student_feats]
+        teacher_feats = [f.float() for f in teacher_feats]
+        boxes = boxes.float()
+        student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+        if soft_descriptors is not None:
+            s_desc, t_desc, soft_levels = soft_descriptors
+            soft_descriptors = (s_desc.float(), t_desc.float(), soft_levels)
         L, N = len(self.strides), len(boxes)
         if len(student_feats) != L or len(teacher_feats) != L:
             raise ValueError(
