@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp())
     cfg = gkd_d2.add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(REPO / ns.config))
-    cfg.merge_from_list(ns.opts)
+    gkd_d2.config.merge_config(cfg, str(REPO / ns.config), ns.opts)
     if ns.weights is None:  # random weights score low: keep every box so outputs are compared
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     cfg.MODEL.TEACHER.CONFIG_FILE = str(REPO / cfg.MODEL.TEACHER.CONFIG_FILE)

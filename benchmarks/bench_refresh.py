@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp())
     probe = gkd_d2.add_gkd_config(get_cfg())
-    probe.merge_from_file(str(REPO / ns.config))
-    probe.merge_from_list(ns.opts)
+    gkd_d2.config.merge_config(probe, str(REPO / ns.config), ns.opts)
     weights = probe.MODEL.TEACHER.WEIGHTS
     if not Path(weights).is_file():
         torch.manual_seed(0)

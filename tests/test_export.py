@@ -120,6 +120,16 @@ def test_cli_and_clear_errors(trained, tmp_path, capsys):
     )
     assert "nope.pth" in capsys.readouterr().err
 
+    typo = ["MODEL.GKD.TEMPRATURE", "2.0"]
+    assert (
+        export_student.main(
+            ["--config-file", str(config), "--weights", weights, "--output", str(tmp_path / "t")]
+            + typo
+        )
+        == 1
+    )
+    assert "MODEL.GKD.TEMPRATURE. Did you mean MODEL.GKD.TEMPERATURE" in capsys.readouterr().err
+
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(open(weights, "rb").read()[:1000])
     with pytest.raises(export_student.ExportError, match="truncated.pth.*truncated or corrupt"):

@@ -140,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     from detectron2.config import get_cfg
 
     import gkd_d2
+    from gkd_d2.config import ConfigError, merge_config
 
-    cfg = gkd_d2.add_gkd_config(get_cfg())
-    cfg.merge_from_file(ns.config_file)
-    cfg.merge_from_list(ns.opts)
     try:
+        cfg = gkd_d2.add_gkd_config(get_cfg())
+        merge_config(cfg, ns.config_file, ns.opts)  # unknown keys named, with the closest ones
         export_student(cfg, ns.weights, ns.output)
-    except ExportError as e:
+    except (ConfigError, ExportError) as e:
         print(f"export_student: {e}", file=sys.stderr)
         return 1
     return 0

@@ -72,11 +72,10 @@ class CheckpointError(ValueError):
 def build_cfg(config_file: str, opts: list[str]) -> CfgNode:
     """The frozen config of ``config_file`` with ``KEY VALUE`` overrides, on the CPU when CUDA
     is asked for but absent. Unlike ``setup_cfg`` it writes nothing to OUTPUT_DIR."""
-    from gkd_d2 import add_gkd_config
+    from gkd_d2.config import add_gkd_config, merge_config
 
     cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    merge_config(cfg, config_file, opts)  # unknown keys named, with the closest ones
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
