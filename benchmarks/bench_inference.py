@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from harness import report  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_ratio_exported_to_gkd": round(med["exported"] / med["gkd"], 3),
         "identical_detections": identical,
     }
-    print(json.dumps(result, indent=1))
-    if ns.json:
-        ns.json.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, ns.json)
     return 0 if identical else 1
 
 

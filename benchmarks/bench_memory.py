@@ -15,8 +15,6 @@ graph (its activations are never kept for backward).
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import resource
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import in_fresh_process, report  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def _run(mode: str, args: dict, queue) -> None:
@@ -67,16 +66,6 @@ def _run(mode: str, args: dict, queue) -> None:
     queue.put({"peak_increase_mib": (peak - base) / 1024, "teacher_no_graph": no_graph})
 
 
-def measure(mode: str, args: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(mode, args, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--detector", choices=["retinanet", "faster_rcnn"], default="retinanet")
@@ -86,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path)
     args = vars(parser.parse_args(argv))
-    res = {mode: measure(mode, args) for mode in ("student", "teacher", "gkd")}
+    res = {mode: in_fresh_process(_run, mode, args) for mode in ("student", "teacher", "gkd")}
     s, t, g = (res[m]["peak_increase_mib"] for m in ("student", "teacher", "gkd"))
     result = {
         "detector": args["detector"],
@@ -98,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_gkd_to_sum": round(g / (s + t), 3),
         "teacher_outputs_without_graph": res["teacher"]["teacher_no_graph"],
     }
-    print(json.dumps(result, indent=1))
-    if args["json"]:
-        args["json"].write_text(json.dumps(result, indent=1) + "\n")
+    report(result, args["json"])
     return 0 if result["teacher_outputs_without_graph"] else 1
 
 

@@ -17,8 +17,6 @@ time and peak-memory ratios. The reference lives here for comparison only.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import resource
 import sys
 import time
@@ -28,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import in_fresh_process, report  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def make_inputs(n: int, channels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,16 +109,6 @@ def _run(method: str, args: dict, queue) -> None:
     )
 
 
-def measure(method: str, args: dict) -> dict:
-    ctx = mp.get_context("spawn")  # a fresh process: its peak RSS is this method's alone
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(method, args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000)
@@ -130,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = vars(parser.parse_args(argv))
-    fast = measure("closed_form", args)
-    direct = measure("direct", args)
+    fast = in_fresh_process(_run, "closed_form", args)  # its peak RSS alone
+    direct = in_fresh_process(_run, "direct", args)
     same = fast["picks"] == direct["picks"]
     rows = {
         "N": args["n"],
@@ -146,15 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         "memory_ratio": round(direct["peak_mib"] / max(fast["peak_mib"], 0.1), 1),
         "identical_picks": same,
     }
-    print(json.dumps(rows, indent=1))
+    report(rows, args["json"])
     print(
         f"closed form {rows['closed_form_s']} s vs direct {rows['direct_s']} s: "
         f"{rows['time_ratio']}x faster (target >= 20x); peak memory "
         f"{rows['closed_form_peak_mib']} vs {rows['direct_peak_mib']} MiB "
         f"({rows['memory_ratio']}x); identical picks: {same}"
     )
-    if args["json"]:
-        args["json"].write_text(json.dumps(rows, indent=1) + "\n")
     if not same:
         print(f"picks differ: {fast['picks']} vs {direct['picks']}", file=sys.stderr)
         return 1

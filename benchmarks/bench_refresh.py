@@ -17,7 +17,6 @@ trainer's own PrototypeRefresh hook:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from harness import report  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         and result["second_teacher_images"] == 0
     )
     result["counts_as_expected"] = ok
-    print(json.dumps(result, indent=1))
-    if ns.json:
-        ns.json.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, ns.json)
     return 0 if ok else 1
 
 

@@ -27,7 +27,6 @@ operators of one GKD step from torch.profiler.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from harness import report  # noqa: E402  (benchmarks/, the script's folder)
 
 COMMON = [
     "MODEL.DEVICE",
@@ -241,13 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         "distiller_forward_share": round(med["distiller_fwd"] / med["gkd"], 3),
         "overhead_share": round((med["gkd"] - med["student"] - med["teacher"]) / med["gkd"], 3),
     }
-    print(json.dumps(result, indent=1))
+    report(result, ns.json)
     print(
         "top operators of one GKD step (self CPU time):\n"
         + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     )
-    if ns.json:
-        ns.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
