@@ -22,6 +22,79 @@ def setup_test_cfg(config_file, *opts):
     return setup_cfg(args)
 
 
+def tiny_inputs(cfg, n=2):
+    """The first ``n`` images of ``gkd_scenes_tiny_train`` through the test-time mapper (128 px:
+    no resize, the boxes stay as annotated), with their ground-truth instances."""
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.data.detection_utils import annotations_to_instances
+
+    mapper = DatasetMapper(cfg, is_train=False)
+    inputs = []
+    for d in DatasetCatalog.get("gkd_scenes_tiny_train")[:n]:
+        x = mapper(dict(d))
+        x["instances"] = annotations_to_instances(d["annotations"], (128, 128))
+        inputs.append(x)
+    return inputs
+
+
+def bn_eval(model) -> None:
+    """BN layers on running statistics, so that an image's features do not depend on its batch."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def identity_adapters(distiller) -> None:
+    """Make a distiller's 3x3 adapters (equal channels) the identity."""
+    import torch
+
+    with torch.no_grad():
+        for conv in distiller.adapters:
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for c in range(conv.weight.shape[0]):
+                conv.weight[c, c, 1, 1] = 1.0
+
+
+def dir_digest(folder: Path) -> str:
+    """SHA-256 of every file's relative path and bytes under ``folder``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.relative_to(folder).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def train_stop_and_resume(python, config, opts, full, split) -> tuple[str, str, str]:
+    """Train ``config`` with ``opts`` in one run into ``full``; then stop before iteration 4 and
+    ``--resume`` into ``split``, each in a fresh process as a user runs them. Returns the log of
+    the stopped run, its ``last_checkpoint`` tag (before the resume rewrites it) and the log of
+    the resumed run."""
+    from test_train_net import run
+
+    run(python, "train_net.py", "--config-file", str(config), *opts, "OUTPUT_DIR", str(full))
+    stop_log = run(
+        python, "tests/helpers/train_until.py", "4", str(config), *opts, "OUTPUT_DIR", str(split)
+    )
+    tag_after_stop = (split / "last_checkpoint").read_text()
+    resume_log = run(
+        python,
+        "train_net.py",
+        "--config-file",
+        str(config),
+        "--resume",
+        *opts,
+        "OUTPUT_DIR",
+        str(split),
+    )
+    return stop_log, tag_after_stop, resume_log
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG, setup_test_cfg
+from conftest import REPO, TINY_CONFIG, setup_test_cfg, tiny_inputs
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
@@ -184,12 +184,6 @@ def empty_instances(size=(128, 128)):
     inst.gt_boxes = Boxes(torch.zeros(0, 4))
     inst.gt_classes = torch.zeros(0, dtype=torch.long)
     return inst
-
-
-def tiny_inputs(cfg, n=2):
-    from test_gkd_rcnn import tiny_inputs as inputs
-
-    return inputs(cfg, n)
 
 
 @pytest.mark.parametrize("detector", DETECTORS)

@@ -1,6 +1,7 @@
 """GKDDistiller: the prototype bank and the combined losses."""
 
 import torch
+from conftest import identity_adapters
 
 from gkd_d2.distill import box_crop_mean, soft_label_kl
 from gkd_d2.modeling import GKDDistiller
@@ -17,15 +18,6 @@ def make_distiller(**kw):
     )
     args.update(kw)
     return GKDDistiller(**args)
-
-
-def identity_adapters(d):
-    with torch.no_grad():
-        for conv in d.adapters:
-            conv.weight.zero_()
-            conv.bias.zero_()
-            for c in range(conv.weight.shape[0]):
-                conv.weight[c, c, 1, 1] = 1.0
 
 
 def batch(seed=0):

@@ -1,10 +1,10 @@
 """The Fashion-MNIST-on-photos benchmark generator and its detectron2 registration."""
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
+from conftest import dir_digest
 
 from gkd_d2.data import fashion_scenes as fs
 from gkd_d2.data.fashion_scenes import (
@@ -42,21 +42,12 @@ def _scenes(split, spec=SPEC, n=40, return_masks=False):
     ]
 
 
-def _digest(folder):
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(path.relative_to(folder).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def test_generation_is_deterministic_seeded_and_cached(tmp_path):
     a = generate_fashion_split(tmp_path / "a", "train", SPEC, seed=1)
     b = generate_fashion_split(tmp_path / "b", "train", SPEC, seed=1)
     c = generate_fashion_split(tmp_path / "c", "train", SPEC, seed=2)
     assert a.name == b.name != c.name
-    assert _digest(a) == _digest(b) != _digest(c)
+    assert dir_digest(a) == dir_digest(b) != dir_digest(c)
     assert len(list(a.glob("images/*.png"))) == SPEC.num_images
     mtime = (a / "annotations.json").stat().st_mtime_ns
     assert generate_fashion_split(tmp_path / "a", "train", SPEC, seed=1) == a

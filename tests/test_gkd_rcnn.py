@@ -5,7 +5,14 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, setup_test_cfg
+from conftest import (
+    REPO,
+    bn_eval,
+    identity_adapters,
+    setup_test_cfg,
+    tiny_inputs,
+    train_stop_and_resume,
+)
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -44,26 +51,6 @@ def teacher_weights(tmp_path_factory) -> str:
 
 def gkd_cfg(out, weights, *opts):
     return setup_test_cfg(GKD_CFG, "OUTPUT_DIR", str(out), "MODEL.TEACHER.WEIGHTS", weights, *opts)
-
-
-def tiny_inputs(cfg, n=2):
-    """n training images of the tiny split at 128 px (no resize), with their instances."""
-    from detectron2.data import DatasetCatalog, DatasetMapper
-    from detectron2.data.detection_utils import annotations_to_instances
-
-    mapper = DatasetMapper(cfg, is_train=False)
-    inputs = []
-    for d in DatasetCatalog.get("gkd_scenes_tiny_train")[:n]:
-        x = mapper(dict(d))
-        x["instances"] = annotations_to_instances(d["annotations"], (128, 128))
-        inputs.append(x)
-    return inputs
-
-
-def bn_eval(model):
-    for m in model.modules():  # per-image features: BN on running statistics
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 def capture_distiller(model):
@@ -199,12 +186,8 @@ def test_losses_zero_when_student_equals_teacher(tmp_path, teacher_weights):
     teacher_sd = torch.load(teacher_weights, weights_only=True)["model"]
     missing, unexpected = model.load_state_dict(teacher_sd, strict=False)
     assert not unexpected and all(k.startswith("distiller.") for k in missing)
+    identity_adapters(model.distiller)
     with torch.no_grad():
-        for conv in model.distiller.adapters:
-            conv.weight.zero_()
-            conv.bias.zero_()
-            for c in range(conv.weight.shape[0]):
-                conv.weight[c, c, 1, 1] = 1.0
         torch.manual_seed(0)
         for lvl in range(5):  # equal models have equal prototypes
             for c in range(6):
@@ -354,8 +337,6 @@ def test_bad_extra_loss_config_is_named(tmp_path, teacher_weights, names, weight
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path, python, teacher_weights):
     """8 iterations == 4, a stop, --resume for 4 more; refreshes at 0, 3, 6 (RoI sampling draws
     from torch's RNG, restored from the checkpoint)."""
-    from test_train_net import run
-
     opts = [
         "MODEL.TEACHER.WEIGHTS",
         teacher_weights,
@@ -367,18 +348,7 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, python, teacher_weigh
         "0",
     ]
     full, split = tmp_path / "full", tmp_path / "split"
-    run(python, "train_net.py", "--config-file", str(GKD_CFG), *opts, "OUTPUT_DIR", str(full))
-    run(python, "tests/helpers/train_until.py", "4", str(GKD_CFG), *opts, "OUTPUT_DIR", str(split))
-    log = run(
-        python,
-        "train_net.py",
-        "--config-file",
-        str(GKD_CFG),
-        "--resume",
-        *opts,
-        "OUTPUT_DIR",
-        str(split),
-    )
+    _, _, log = train_stop_and_resume(python, GKD_CFG, opts, full, split)
     assert "Starting training from iteration 4" in log
     a = torch.load(full / "model_final.pth", weights_only=False)["model"]
     b = torch.load(split / "model_final.pth", weights_only=False)["model"]

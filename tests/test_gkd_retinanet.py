@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, setup_test_cfg
+from conftest import REPO, bn_eval, setup_test_cfg, tiny_inputs, train_stop_and_resume
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -91,8 +91,6 @@ def test_losses_and_r_statistics_logged(tmp_path, teacher_weights):
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path, python, teacher_weights):
     """8 iterations in one run == 4, a stop, then --resume for the other 4 (fresh processes, as
     a user runs them); refreshes at 0, 3 and 6, checkpoints every 4."""
-    from test_train_net import run
-
     opts = [
         "MODEL.TEACHER.WEIGHTS",
         teacher_weights,
@@ -104,22 +102,9 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, python, teacher_weigh
         "0",
     ]
     full, split = tmp_path / "full", tmp_path / "split"
-    run(python, "train_net.py", "--config-file", str(GKD_CFG), *opts, "OUTPUT_DIR", str(full))
-    log = run(
-        python, "tests/helpers/train_until.py", "4", str(GKD_CFG), *opts, "OUTPUT_DIR", str(split)
-    )
-    assert "stopped before iteration 4" in log
-    assert (split / "last_checkpoint").read_text() == "model_0000003.pth"
-    log = run(
-        python,
-        "train_net.py",
-        "--config-file",
-        str(GKD_CFG),
-        "--resume",
-        *opts,
-        "OUTPUT_DIR",
-        str(split),
-    )
+    stop_log, tag_after_stop, log = train_stop_and_resume(python, GKD_CFG, opts, full, split)
+    assert "stopped before iteration 4" in stop_log
+    assert tag_after_stop == "model_0000003.pth"
     assert "Starting training from iteration 4" in log
 
     a = torch.load(full / "model_final.pth", weights_only=False)
@@ -211,23 +196,13 @@ def test_batch_of_two_gives_the_rows_and_soft_loss_of_each_image_alone(tmp_path,
     """Positive-anchor rows (boxes, classes, student and teacher logits, weights) of a batch of
     2 are image 0's rows then image 1's, so the soft-label KL of the batch is the row-weighted
     mean of the per-image ones (the official code misaligns logits and weights here)."""
-    from detectron2.data import DatasetCatalog, DatasetMapper
-    from detectron2.data.detection_utils import annotations_to_instances
     from detectron2.utils.events import EventStorage
 
     trainer = Trainer(gkd_cfg(tmp_path, teacher_weights))
     model = trainer.model
     model.attenuation_schedule = None
-    for m in model.modules():  # per-image features: BN on running statistics
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    mapper = DatasetMapper(trainer.cfg, is_train=False)
-    dicts = DatasetCatalog.get("gkd_scenes_tiny_train")[:2]
-    inputs = []
-    for d in dicts:
-        x = mapper(dict(d))  # 128 px images: no resize, the boxes stay as annotated
-        x["instances"] = annotations_to_instances(d["annotations"], (128, 128))
-        inputs.append(x)
+    bn_eval(model)  # per-image features
+    inputs = tiny_inputs(trainer.cfg)
     captured = []
     original = model.distiller.forward
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torchvision
-from conftest import REPO
+from conftest import REPO, tiny_inputs
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
@@ -151,20 +151,6 @@ def test_imagenet_missing_package_is_a_clear_error(monkeypatch):
 def test_imagenet_with_other_width_is_a_clear_error():
     with pytest.raises(RuntimeError, match="WIDTH_MULT"):
         build_backbone(mb_cfg(pretrained="imagenet", WIDTH_MULT=0.5))
-
-
-def tiny_inputs(cfg, n=2):
-    """n training images of the tiny split at 128 px (no resize), with their instances."""
-    from detectron2.data import DatasetCatalog, DatasetMapper
-    from detectron2.data.detection_utils import annotations_to_instances
-
-    mapper = DatasetMapper(cfg, is_train=False)
-    inputs = []
-    for d in DatasetCatalog.get("gkd_scenes_tiny_train")[:n]:
-        x = mapper(dict(d))
-        x["instances"] = annotations_to_instances(d["annotations"], (128, 128))
-        inputs.append(x)
-    return inputs
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "rcnn"])

@@ -1,11 +1,11 @@
 """The embedded scene generator and its detectron2 registration."""
 
 import dataclasses
-import hashlib
 import json
 
 import numpy as np
 import pytest
+from conftest import dir_digest
 
 from gkd_d2.data import SHAPE_CLASSES, SceneSpec, generate_split, render_scene
 
@@ -64,23 +64,14 @@ def test_scenes_have_small_to_large_blurred_and_occluded_objects():
     assert {o["category_id"] for o in objs} == set(range(len(SHAPE_CLASSES)))
 
 
-def _digest(folder):
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(path.relative_to(folder).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def test_generation_is_deterministic_and_seeded(tmp_path):
     a = generate_split(tmp_path / "a", "train", SPEC, seed=3)
     b = generate_split(tmp_path / "b", "train", SPEC, seed=3)
     c = generate_split(tmp_path / "c", "train", SPEC, seed=4)
     val = generate_split(tmp_path / "a", "val", SPEC, seed=3)
     assert a.name == b.name != c.name
-    assert _digest(a) == _digest(b)
-    assert _digest(a) != _digest(c)
+    assert dir_digest(a) == dir_digest(b)
+    assert dir_digest(a) != dir_digest(c)
     # train and val splits draw different images
     assert (a / "images" / "000000.png").read_bytes() != (
         val / "images" / "000000.png"
