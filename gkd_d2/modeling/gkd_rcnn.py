@@ -170,7 +170,7 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
             )
         else:
             pooler_level = torch.zeros(len(rows), dtype=torch.long, device=boxes.device)
-        student_pooled = pooled[rows].mean(dim=(2, 3))
+        student_pooled = pooled.detach()[rows].mean(dim=(2, 3))  # for r only: no graph
         losses, stats = self.distiller(
             [features[f] for f in self.distill_in_features],
             [teacher_all[f] for f in self.distill_in_features],
