@@ -31,6 +31,13 @@ def add_gkd_config(cfg: CN) -> CN:
     t.OPTS = []
     # Missing or unexpected keys in the teacher checkpoint stop the run unless this is True.
     t.ALLOW_PARTIAL_LOAD = False
+    # Teacher check before distilling (train only, not --eval-only): the teacher's bbox AP on
+    # CHECK_IMAGES images drawn with a fixed seed from DATASETS.TEST[0] (DATASETS.TRAIN[0] when
+    # there is no test set) is logged as gkd/teacher_ap; training stops before iteration 0 when
+    # it is below MIN_AP (COCO AP in percent, 0 = no floor; CHECK_IMAGES 0 = no check). The
+    # default floor catches a teacher that is useless at inference (AP 0).
+    t.CHECK_IMAGES = 50
+    t.MIN_AP = 1.0
 
     g = cfg.MODEL.GKD = CN()
     # ---- PGM: prototype generation
@@ -52,6 +59,11 @@ def add_gkd_config(cfg: CN) -> CN:
     g.ROBUST_WEIGHTS = True  # False: binary fg mask and unweighted soft labels (local-only KD)
     g.CLAMP_R = True  # clamp r to [0, 1] (official: unclamped, practically never matters)
     g.TEMPERATURE = 2.0
+    # soft-label KD form: "softmax" (official: one distribution over the K' logits of an
+    # instance), "sigmoid" (K binary distributions: per-class sigmoid probabilities, binary KL
+    # with the temperature), "auto" = "sigmoid" for a one-class RetinaNet (a softmax over one
+    # logit is constant: its KL would be 0), else "softmax"
+    g.SOFT_LABEL = "auto"
     g.FG_WEIGHT = 1.0
     g.BG_WEIGHT = 4.0
     g.SOFT_WEIGHT = 1.0

@@ -31,19 +31,46 @@ def test_foreground_mask_by_hand():
     )
     batch_idx = torch.tensor([0, 0, 0, 1, 0])
     weights = torch.tensor([0.5, 0.25, 0.75, 1.0, 0.6])
-    mask = foreground_mask(boxes, batch_idx, weights, stride=8.0, shape=(2, 3, 4))
+    mask, covered = foreground_mask(boxes, batch_idx, weights, stride=8.0, shape=(2, 3, 4))
     want = torch.zeros(2, 3, 4)
     want[0, 1, 1:3] = 0.6
     want[0, 0, 2:4] = 0.25
     want[0, 2, 2] = 0.75
     want[1, 0, 0:2] = 1.0
     torch.testing.assert_close(mask, want)
+    assert torch.equal(covered, want > 0)
     # order-independent (max), unlike the official overwrite
     perm = torch.tensor([4, 2, 0, 3, 1])
-    torch.testing.assert_close(
-        foreground_mask(boxes[perm], batch_idx[perm], weights[perm], 8.0, (2, 3, 4)), want
+    mask_p, covered_p = foreground_mask(boxes[perm], batch_idx[perm], weights[perm], 8.0, (2, 3, 4))
+    torch.testing.assert_close(mask_p, want)
+    assert torch.equal(covered_p, covered)
+    empty, empty_covered = foreground_mask(boxes[:0], batch_idx[:0], weights[:0], 8.0, (2, 3, 4))
+    assert empty.abs().sum() == 0 and not empty_covered.any()
+    assert empty_covered.shape == (2, 3, 4) and empty_covered.dtype == torch.bool
+
+
+def test_an_instance_with_r_zero_stays_foreground():
+    """r = 0 gives weight 0 in the fg term, and its cells are never background (the official
+    rule, foreground = mask > 0, would imitate them as background with weight 4)."""
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [16.0, 16.0, 32.0, 24.0]])  # cells 2x2, 1x2
+    mask, covered = foreground_mask(
+        boxes, torch.tensor([0, 0]), torch.tensor([0.0, 0.5]), 8.0, (1, 4, 4)
     )
-    assert foreground_mask(boxes[:0], batch_idx[:0], weights[:0], 8.0, (2, 3, 4)).abs().sum() == 0
+    want_covered = torch.zeros(1, 4, 4, dtype=torch.bool)
+    want_covered[0, 0:2, 0:2] = True
+    want_covered[0, 2, 2:4] = True
+    assert torch.equal(covered, want_covered)
+    assert mask[0, 0:2, 0:2].abs().sum() == 0 and torch.all(mask[0, 2, 2:4] == 0.5)
+    g = torch.Generator().manual_seed(1)
+    t, s = torch.randn(1, 2, 4, 4, generator=g), torch.randn(1, 2, 4, 4, generator=g)
+    fg, bg = decoupled_imitation_losses(s, t, mask, covered)
+    d = ((s - t) ** 2).sum(dim=1)[0]
+    torch.testing.assert_close(fg, (d[2, 2:4] * 0.5).sum() / (2 * 2 * 1.0))
+    bg_cells = ~want_covered[0]
+    torch.testing.assert_close(bg, d[bg_cells].sum() / (2 * 2 * bg_cells.sum()))
+    # the official rule differs exactly there: the r = 0 cells join the background
+    _, bg_official = decoupled_imitation_losses(s, t, mask)
+    torch.testing.assert_close(bg_official, d[mask[0] <= 0].sum() / (2 * 2 * 14))
 
 
 def test_decoupled_losses_by_hand_and_zero_when_equal():
@@ -87,6 +114,42 @@ def test_soft_label_kl_by_hand_and_zero_when_equal():
     assert soft_label_kl(empty, empty.detach(), torch.zeros(0)).item() == 0.0
     with pytest.raises(ValueError, match=r"do not align"):
         soft_label_kl(zs, zt, torch.ones(3))
+
+
+def test_sigmoid_soft_labels_by_hand_and_alive_for_one_class():
+    """K = 1: the softmax form is identically 0 (one logit), the sigmoid form is the binary KL
+    of sigmoid(z_T / T) from sigmoid(z_S / T), times T^2, mean over classes, weighted mean."""
+    T = 2.0
+    zs = torch.tensor([[1.0], [-3.0], [0.5]], requires_grad=True)
+    zt = torch.tensor([[-1.0], [2.0], [0.5]])
+    w = torch.tensor([1.0, 0.5, 1.0])
+    assert soft_label_kl(zs, zt, w, T).item() == 0.0  # what K = 1 silently gave before
+    got = soft_label_kl(zs, zt, w, T, form="sigmoid")
+    total = 0.0
+    for n in range(3):
+        p = 1 / (1 + math.exp(-zs[n, 0].item() / T))
+        q = 1 / (1 + math.exp(-zt[n, 0].item() / T))
+        kl = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
+        total += w[n].item() * T * T * kl
+    assert got.item() == pytest.approx(total / 3, rel=1e-6)
+    assert got.item() > 0.1
+    got.backward()
+    assert zs.grad[0, 0] > 0 and zs.grad[1, 0] < 0  # pulled towards the teacher
+    assert zs.grad[2, 0].abs() < 1e-7  # equal logits: no pull
+    # several classes: the mean over the per-class binary KLs; equal logits give 0
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    per_class = [
+        soft_label_kl(a[:, c : c + 1], b[:, c : c + 1], torch.ones(4), T, "sigmoid")
+        for c in range(3)
+    ]
+    torch.testing.assert_close(soft_label_kl(a, b, torch.ones(4), T, "sigmoid"), sum(per_class) / 3)
+    assert soft_label_kl(b.clone(), b, torch.ones(4), T, "sigmoid").abs().item() < 1e-6
+    # stable for large logits
+    big = torch.tensor([[80.0], [-80.0]])
+    assert torch.isfinite(soft_label_kl(-big, big, torch.ones(2), T, "sigmoid"))
+    with pytest.raises(ValueError, match="form must be one of"):
+        soft_label_kl(zs, zt, w, T, form="softmx")
 
 
 def test_soft_label_kl_batch_equals_per_image_combination():

@@ -1,6 +1,7 @@
 """The math of GKD as pure tensor functions (no detectron2 state): pooling, PGM, RDM, losses."""
 
 from .losses import (
+    SOFT_LABEL_FORMS,
     decoupled_imitation_losses,
     foreground_mask,
     global_alignment_loss,
@@ -23,6 +24,7 @@ from .robustness import (
 )
 
 __all__ = [
+    "SOFT_LABEL_FORMS",
     "decoupled_imitation_losses",
     "foreground_mask",
     "global_alignment_loss",

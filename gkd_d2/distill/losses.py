@@ -15,13 +15,17 @@ def foreground_mask(
     weights: torch.Tensor,
     stride: float,
     shape: tuple[int, int, int],
-) -> torch.Tensor:
-    """Robustness-weighted foreground mask of one FPN level.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Robustness-weighted foreground mask of one FPN level, and the cells it covers.
 
     Each box marks cells y in [floor(y1/s), min(floor(y2/s), H)), x likewise (end exclusive),
     with its weight; a box whose range is empty in x or y marks only the cell
     (floor(y1/s), floor(x1/s)). Overlaps keep the largest weight (the official code lets the
     last box win; max is order-independent). Pass only the boxes assigned to this level.
+
+    A covered cell is foreground whatever its weight: an instance with r = 0 gets weight 0 in
+    the fg term and its cells are not imitated as background (the official code takes
+    ``mask > 0`` as foreground, so there an r <= 0 instance becomes background, weight 4).
 
     Args:
         boxes: (N, 4) XYXY boxes in input pixels.
@@ -31,12 +35,13 @@ def foreground_mask(
         shape: (B, H, W) of the level's maps.
 
     Returns:
-        (B, H, W) mask, 0 on background.
+        mask: (B, H, W) weights, 0 on background;
+        covered: (B, H, W) bool, True on the cells of at least one box.
     """
     B, H, W = shape
     mask = weights.new_zeros((B, H, W))
     if boxes.numel() == 0:
-        return mask
+        return mask, torch.zeros((B, H, W), dtype=torch.bool, device=mask.device)
     cells = torch.floor(boxes / stride).long()
     xs, ys = cells[:, 0].clamp(0, W - 1), cells[:, 1].clamp(0, H - 1)
     xe, ye = cells[:, 2].clamp(max=W), cells[:, 3].clamp(max=H)
@@ -47,34 +52,46 @@ def foreground_mask(
     cols = torch.arange(W, device=boxes.device)
     in_rows = (rows >= ys[:, None]) & (rows < ye[:, None])  # (N, H)
     in_cols = (cols >= xs[:, None]) & (cols < xe[:, None])  # (N, W)
-    per_box = (in_rows[:, :, None] & in_cols[:, None, :]) * weights[:, None, None]  # (N, H, W)
-    src = per_box.to(mask.dtype).reshape(len(boxes), H * W)
+    inside = (in_rows[:, :, None] & in_cols[:, None, :]).reshape(len(boxes), H * W)
     index = batch_idx[:, None].expand(-1, H * W)
-    return mask.view(B, H * W).scatter_reduce_(0, index, src, "amax").view(B, H, W)
+    src = (inside * weights[:, None]).to(mask.dtype)
+    mask = mask.view(B, H * W).scatter_reduce_(0, index, src, "amax").view(B, H, W)
+    covered = torch.zeros((B, H * W), dtype=mask.dtype, device=mask.device)
+    covered = covered.scatter_reduce_(0, index, inside.to(mask.dtype), "amax")
+    return mask, covered.view(B, H, W) > 0
 
 
 def decoupled_imitation_losses(
-    adapted_student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
+    adapted_student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    covered: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background feature-imitation losses of one level (unweighted).
 
-    With D = (A - T)^2: L_fg = sum(D * M) / max(1, 2 C sum M) and
-    L_bg = sum(D * [M <= 0]) / max(1, 2 C sum [M <= 0]); M is broadcast over channels.
+    With D = (A - T)^2 and G the background cells (not covered by any box):
+    L_fg = sum(D * M) / max(1, 2 C sum M) and L_bg = sum(D * G) / max(1, 2 C sum G);
+    M and G are broadcast over channels.
 
     Args:
         adapted_student: (B, C, H, W) student map after the level's adapter.
         teacher: (B, C, H, W) teacher map.
-        mask: (B, H, W) foreground mask from :func:`foreground_mask`.
+        mask: (B, H, W) foreground weights from :func:`foreground_mask`.
+        covered: (B, H, W) bool cells of the boxes (:func:`foreground_mask`); None: the cells
+            where ``mask > 0`` (the official rule, under which a weight-0 box is background).
 
     Returns:
         (L_fg, L_bg) scalars.
     """
     C = teacher.shape[1]
     sq = (adapted_student - teacher).pow(2).sum(dim=1)  # (B, H, W): channels summed once
-    bg = (mask <= 0).to(sq.dtype)
+    bg = (~covered if covered is not None else mask <= 0).to(sq.dtype)
     fg_loss = (sq * mask).sum() / torch.clamp(2 * C * mask.sum(), min=1.0)
     bg_loss = (sq * bg).sum() / torch.clamp(2 * C * bg.sum(), min=1.0)
     return fg_loss, bg_loss
+
+
+SOFT_LABEL_FORMS = ("softmax", "sigmoid")
 
 
 def soft_label_kl(
@@ -82,15 +99,21 @@ def soft_label_kl(
     teacher_logits: torch.Tensor,
     weights: torch.Tensor,
     temperature: float = 2.0,
+    form: str = "softmax",
 ) -> torch.Tensor:
-    """Robustness-weighted soft-label distillation: mean_n w_n T^2 mean_c p_T (log p_T - log p_S).
+    """Robustness-weighted soft-label distillation: mean_n w_n T^2 mean_c KL_c.
 
+    ``form`` "softmax" (official): one K-way distribution per instance, p = softmax(z / T),
+    KL_c = p_T,c (log p_T,c - log p_S,c). "sigmoid": K binary distributions, p_c =
+    sigmoid(z_c / T), KL_c = the binary KL of p_T,c from p_S,c; for sigmoid classifiers with
+    K = 1 (a softmax over one logit is 1 whatever the logit, so its KL is identically 0).
     Note the mean over classes (the official normalisation). Rows of the three inputs must
     describe the same instances in the same order.
 
     Args:
         student_logits, teacher_logits: (N, K) logits of the same N instances.
         weights: (N,) robustness weights.
+        form: "softmax" or "sigmoid".
 
     Returns:
         scalar loss; 0 (connected to the student graph) when N = 0.
@@ -100,12 +123,21 @@ def soft_label_kl(
             f"soft_label_kl: student logits {tuple(student_logits.shape)}, teacher logits "
             f"{tuple(teacher_logits.shape)} and weights {tuple(weights.shape)} do not align"
         )
+    if form not in SOFT_LABEL_FORMS:
+        raise ValueError(f"soft_label_kl: form must be one of {SOFT_LABEL_FORMS}, not {form!r}")
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).mean(dim=1) * temperature**2
-    return (weights * kl).mean()
+    zs, zt = student_logits.float() / temperature, teacher_logits.float() / temperature
+    if form == "softmax":
+        log_p_s, log_p_t = F.log_softmax(zs, dim=1), F.log_softmax(zt, dim=1)
+        kl = log_p_t.exp() * (log_p_t - log_p_s)
+    else:
+        # log p = logsigmoid(z), log(1 - p) = logsigmoid(-z): stable for large |z|
+        p_t = torch.sigmoid(zt)
+        kl = p_t * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - p_t) * (
+            F.logsigmoid(-zt) - F.logsigmoid(-zs)
+        )
+    return (weights * kl.mean(dim=1) * temperature**2).mean()
 
 
 def global_alignment_loss(

@@ -32,6 +32,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import GKDCheckpointer
 from ..config import add_gkd_config, merge_config
 from .prototype_refresh import PrototypeRefresh
+from .teacher_check import TeacherCheck
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,9 @@ class Trainer(DefaultTrainer):
             )
             # first, so that IterationTimer does not count a refresh as iteration time
             ret.insert(0, refresh)
+        if hasattr(model, "attach_teacher") and self.cfg.MODEL.TEACHER.CHECK_IMAGES > 0:
+            # before anything else: a useless teacher stops the run before iteration 0
+            ret.insert(0, TeacherCheck(self.cfg, model, self.build_evaluator))
         return ret
 
     @classmethod

@@ -6,12 +6,44 @@ A GKD meta-architecture is ``class GKDX(DistilledDetector, X)``: it only says wh
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
 
 from ..distill import linear_attenuation
 from .distiller import GKDDistiller
+
+logger = logging.getLogger(__name__)
+
+
+def batch_statistics_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module`` (BN, SyncBN, detectron2's NaiveSyncBN: every
+    ``_BatchNorm``), whose output depends on the batch when they are in train mode.
+
+    GN, FrozenBN and layers without norm compute the same in train and eval mode.
+    """
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def running_statistics(norms: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Put ``norms`` in eval mode (running statistics, no update of them) and restore each
+    layer's own mode afterwards; nothing else of the model changes mode."""
+    modes = [m.training for m in norms]
+    try:
+        for m in norms:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(norms, modes):
+            m.train(mode)
 
 
 class DistilledDetector:
@@ -33,6 +65,19 @@ class DistilledDetector:
         object.__setattr__(self, "teacher", None)
         # (iterations per epoch, epochs) for a(e); set by the trainer. None: a = 1.
         self.attenuation_schedule: tuple[int, int] | None = None
+        # BN layers of the distilled path (the backbone, FPN included): in train mode they make
+        # the training forward's features differ from the eval-mode ones the prototypes are
+        # extracted with (PrototypeRefresh), so r needs an eval-mode pass (descriptor_features)
+        self._distilled_path_norms = batch_statistics_norms(self.backbone)
+        self._descriptor_pass_logged = False
+        unusable = [m for m in self._distilled_path_norms if not m.track_running_stats]
+        if unusable:
+            raise ValueError(
+                f"{type(self).__name__}: {len(unusable)} BatchNorm layers of the backbone keep "
+                "no running statistics (track_running_stats=False), so even in eval mode an "
+                "instance's features, and r, depend on the other images of its batch; use a "
+                "norm with running statistics (BN, SyncBN), GN, FrozenBN or none"
+            )
 
     @staticmethod
     def build_distiller(
@@ -48,6 +93,16 @@ class DistilledDetector:
         reduction = cfg.MODEL.GKD.LEVEL_REDUCTION
         if reduction == "auto":
             reduction = "mean" if two_stage else "sum"
+        soft_label = cfg.MODEL.GKD.SOFT_LABEL
+        if soft_label == "auto":
+            # a softmax over the logits of one sigmoid class is 1 whatever the logit: its KL
+            # would be identically 0 and the logit distillation would silently vanish
+            soft_label = "sigmoid" if not two_stage and num_classes == 1 else "softmax"
+            if soft_label == "sigmoid":
+                logger.info(
+                    "GKD soft labels: one class, so the per-class sigmoid probabilities are "
+                    "distilled (binary KL, MODEL.GKD.SOFT_LABEL 'auto' -> 'sigmoid')"
+                )
         student_channels = shapes[in_features[0]].channels
         teacher_channels = student_channels
         if cfg.MODEL.TEACHER.CONFIG_FILE:
@@ -61,7 +116,54 @@ class DistilledDetector:
             teacher_channels=teacher_channels,
             num_classes=num_classes,
             level_reduction=reduction,
+            soft_label=soft_label,
         )
+
+    def needs_descriptor_pass(self) -> bool:
+        """True when r needs its own eval-mode student pass: a BN layer of the distilled path
+        is in train mode and the distiller uses prototypes."""
+        return self.distiller.needs_prototypes and any(
+            m.training for m in self._distilled_path_norms
+        )
+
+    def descriptor_features(self, images: Tensor) -> dict[str, Tensor] | None:
+        """The student's backbone features in the normalisation of its prototypes, from which
+        r (and the global loss) are computed; None when they are those of the training
+        forward itself.
+
+        The prototypes are extracted in eval mode (running statistics: an instance's features
+        then depend only on the model and the image). With train-mode BN in the backbone the
+        training forward's features are normalised by the batch's statistics instead, a
+        different space: a student that is its own teacher would see r < 1. Then the backbone
+        runs once more on ``images`` with its BN layers on running statistics, without
+        gradients unless the global loss needs them (its gradient then flows through this
+        pass). Call it before the training forward, which updates the running statistics
+        with the batch's (r would then depend on the other images of the batch). Without
+        train-mode BN (FrozenBN, GN, no norm, or BN put in eval mode) this costs nothing.
+
+        Args:
+            images: (B, 3, H, W) the normalised, padded batch of the training forward.
+        """
+        if not self.needs_descriptor_pass():
+            return None
+        start = time.perf_counter()
+        with running_statistics(self._distilled_path_norms):
+            with torch.set_grad_enabled(
+                torch.is_grad_enabled() and self.distiller.global_weight > 0
+            ):
+                out = self.backbone(images)
+        if not self._descriptor_pass_logged:
+            self._descriptor_pass_logged = True
+            n = sum(m.training for m in self._distilled_path_norms)
+            logger.info(
+                f"GKD: {n} BatchNorm layers of the student's backbone are in train mode, so r "
+                "is computed from an extra eval-mode pass of the student backbone (as its "
+                f"prototypes are): {time.perf_counter() - start:.3f}s at the first step, "
+                "logged as gkd/descriptor_pass_seconds; freeze BN (FrozenBN) or use GN to skip "
+                "it (docs/performance.md gives the step cost)"
+            )
+        get_event_storage().put_scalar("gkd/descriptor_pass_seconds", time.perf_counter() - start)
+        return out
 
     def check_teacher(self, teacher) -> None:
         """Raise ValueError when the teacher cannot serve this student (overridden per

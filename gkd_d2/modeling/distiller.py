@@ -11,6 +11,7 @@ from detectron2.config import CfgNode
 from torch import Tensor, nn
 
 from ..distill import (
+    SOFT_LABEL_FORMS,
     box_crop_mean,
     decoupled_imitation_losses,
     foreground_mask,
@@ -47,6 +48,7 @@ class GKDDistiller(nn.Module):
         adapter_kernel: int = 3,
         clamp_r: bool = True,
         temperature: float = 2.0,
+        soft_label: str = "softmax",
         fg_weight: float = 1.0,
         bg_weight: float = 4.0,
         soft_weight: float = 1.0,
@@ -79,6 +81,12 @@ class GKDDistiller(nn.Module):
         self.register_buffer("proto_index", torch.full((L, K, M), -1, dtype=torch.long))
         self.register_buffer("bank_iter", torch.tensor(-1, dtype=torch.long))
         self.robust, self.clamp_r, self.temperature = robust, clamp_r, temperature
+        if soft_label not in SOFT_LABEL_FORMS:
+            raise ValueError(
+                f"MODEL.GKD.SOFT_LABEL must be 'auto' or one of {SOFT_LABEL_FORMS}, not "
+                f"{soft_label!r}"
+            )
+        self.soft_label = soft_label
         self.fg_weight, self.bg_weight = fg_weight, bg_weight
         self.soft_weight, self.global_weight = soft_weight, global_weight
         self.level_reduction = level_reduction
@@ -100,9 +108,10 @@ class GKDDistiller(nn.Module):
         teacher_channels: int,
         num_classes: int,
         level_reduction: str,
+        soft_label: str,
     ) -> GKDDistiller:
-        """The distiller of ``MODEL.GKD.*``; ``level_reduction`` is the detector's resolved
-        ``LEVEL_REDUCTION`` ("auto" is "sum" for one-stage, "mean" for two-stage detectors)."""
+        """The distiller of ``MODEL.GKD.*``; ``level_reduction`` and ``soft_label`` are the
+        detector's resolved ``LEVEL_REDUCTION`` and ``SOFT_LABEL`` ("auto" resolved)."""
         g = cfg.MODEL.GKD
         extra_terms, extra_weights = build_extra_losses(
             cfg,
@@ -121,6 +130,7 @@ class GKDDistiller(nn.Module):
             adapter_kernel=g.ADAPTER_KERNEL,
             clamp_r=g.CLAMP_R,
             temperature=g.TEMPERATURE,
+            soft_label=soft_label,
             fg_weight=g.FG_WEIGHT,
             bg_weight=g.BG_WEIGHT,
             soft_weight=g.SOFT_WEIGHT,
@@ -217,6 +227,7 @@ class GKDDistiller(nn.Module):
         teacher_logits: Tensor,
         attenuation: float = 1.0,
         soft_descriptors: tuple[Tensor, Tensor, Tensor] | None = None,
+        descriptor_feats: list[Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Distillation losses of one batch.
 
@@ -230,6 +241,10 @@ class GKDDistiller(nn.Module):
                 level indices from which the soft-label r is computed (Faster R-CNN: the RoI
                 features averaged over the pooled grid, at the pooler's level); default: the
                 box-crop r at the instance's own level, as for the feature mask.
+            descriptor_feats: per level (B, C_S, H, W) student maps from which r and the
+                global loss are pooled, in the normalisation of the student's prototypes
+                (an eval-mode pass when the student has train-mode BatchNorm:
+                ``DistilledDetector.descriptor_features``); default: ``student_feats``.
 
         Returns:
             losses: ``loss_gkd_fg``, ``loss_gkd_bg``, ``loss_gkd_soft``, ``loss_gkd_global``
@@ -242,6 +257,9 @@ class GKDDistiller(nn.Module):
         # the adapters then run in fp32 too (cheap). .float() of an fp32 tensor is itself.
         student_feats = [f.float() for f in student_feats]
         teacher_feats = [f.float() for f in teacher_feats]
+        descriptor_feats = (
+            student_feats if descriptor_feats is None else [f.float() for f in descriptor_feats]
+        )
         boxes = boxes.float()
         student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
         if soft_descriptors is not None:
@@ -256,7 +274,8 @@ class GKDDistiller(nn.Module):
         zero = student_feats[0].sum() * 0.0
         use_global = self.global_weight > 0
         # r of every instance at its own level (and, for the global loss, every instance at
-        # every level), from box-crop means of the raw (un-adapted) maps
+        # every level), from box-crop means of the raw (un-adapted) maps, the student's in the
+        # normalisation its prototypes were extracted with
         r = boxes.new_ones(N)
         global_total = zero
         if self.needs_prototypes:
@@ -267,7 +286,7 @@ class GKDDistiller(nn.Module):
                 ps, pt, starts = self.bank(lvl)
                 with torch.set_grad_enabled(use_global and torch.is_grad_enabled()):
                     s = box_crop_mean(
-                        student_feats[lvl], boxes[sel], batch_idx[sel], self.strides[lvl]
+                        descriptor_feats[lvl], boxes[sel], batch_idx[sel], self.strides[lvl]
                     )
                 with torch.no_grad():
                     t = box_crop_mean(
@@ -296,10 +315,10 @@ class GKDDistiller(nn.Module):
                         f"and teacher map {tuple(t_map.shape)} differ"
                     )
                 B, _, H, W = t_map.shape
-                mask = foreground_mask(
+                mask, covered = foreground_mask(
                     boxes[sel], batch_idx[sel], weights[sel], self.strides[lvl], (B, H, W)
                 )
-                fg, bg = decoupled_imitation_losses(a_map, t_map, mask)
+                fg, bg = decoupled_imitation_losses(a_map, t_map, mask, covered)
                 fg_total, bg_total = fg_total + fg, bg_total + bg
             if self.level_reduction == "mean":
                 fg_total, bg_total = fg_total / L, bg_total / L
@@ -314,7 +333,7 @@ class GKDDistiller(nn.Module):
                 soft_r = self.robustness_at(*soft_descriptors[:2], classes, soft_descriptors[2])
                 soft_w = soft_r
             losses["loss_gkd_soft"] = self.soft_weight * soft_label_kl(
-                student_logits, teacher_logits, soft_w, self.temperature
+                student_logits, teacher_logits, soft_w, self.temperature, self.soft_label
             )
         if use_global:
             losses["loss_gkd_global"] = self.global_weight * attenuation * global_total

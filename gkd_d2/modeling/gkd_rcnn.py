@@ -126,6 +126,8 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         self.require_teacher()
         images = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        # before the training forward, whose train-mode BN updates the running statistics
+        descriptors = self.descriptor_features(images.tensor)
         features = self.backbone(images.tensor)
         rpn_proposals, losses = self.proposal_generator(images, features, gt_instances)
         heads = self.roi_heads
@@ -141,7 +143,9 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         losses.update(heads._forward_keypoint(features, proposals))
         if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
             self.visualize_training(batched_inputs, rpn_proposals)
-        losses.update(self._distill(batched_inputs, features, proposals, pooled, predictions[0]))
+        losses.update(
+            self._distill(batched_inputs, features, proposals, pooled, predictions[0], descriptors)
+        )
         return losses
 
     def _distill(
@@ -151,9 +155,12 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         proposals: list[Instances],
         pooled: Tensor,
         logits: Tensor,
+        descriptors: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """GKD losses from the sampled proposals, their pooled (R, C, h, w) features and their
-        (R, K + 1) logits (rows in the proposals' image-major order)."""
+        (R, K + 1) logits (rows in the proposals' image-major order); ``descriptors``: the
+        backbone features r is computed from when they are not ``features``
+        (``descriptor_features``)."""
         heads = self.roi_heads
         rows, batch_idx, boxes, classes = positive_proposals(proposals, heads.num_classes)
         teacher_all, _ = self.teacher.features(batched_inputs)
@@ -170,7 +177,14 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
             )
         else:
             pooler_level = torch.zeros(len(rows), dtype=torch.long, device=boxes.device)
-        student_pooled = pooled.detach()[rows].mean(dim=(2, 3))  # for r only: no graph
+        # for r only: no graph
+        if descriptors is None:
+            student_pooled = pooled.detach()[rows].mean(dim=(2, 3))
+        else:
+            with torch.no_grad():
+                student_pooled = heads.box_pooler(
+                    [descriptors[f] for f in heads.box_in_features], per_image
+                ).mean(dim=(2, 3))
         losses, stats = self.distiller(
             [features[f] for f in self.distill_in_features],
             [teacher_all[f] for f in self.distill_in_features],
@@ -185,6 +199,9 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
                 student_pooled,
                 teacher_pooled,
                 self.box_level_index[pooler_level],
+            ),
+            descriptor_feats=(
+                None if descriptors is None else [descriptors[f] for f in self.distill_in_features]
             ),
         )
         get_event_storage().put_scalars(**stats)

@@ -67,6 +67,8 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
             return super().forward(batched_inputs)
         self.require_teacher()
         images = self.preprocess_image(batched_inputs)
+        # before the training forward, whose train-mode BN updates the running statistics
+        descriptors = self.descriptor_features(images.tensor)
         all_features = self.backbone(images.tensor)
         features = [all_features[f] for f in self.head_in_features]
         predictions = self.head(features)
@@ -80,7 +82,16 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
             self.loss_normalizer = float(self.loss_normalizer_ema)
         losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
         self.loss_normalizer_ema.fill_(self.loss_normalizer)
-        losses.update(self._distill(batched_inputs, features, pred_logits, anchors, gt_labels))
+        losses.update(
+            self._distill(
+                batched_inputs,
+                features,
+                pred_logits,
+                anchors,
+                gt_labels,
+                None if descriptors is None else [descriptors[f] for f in self.head_in_features],
+            )
+        )
         return losses
 
     def _distill(
@@ -90,6 +101,7 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
         pred_logits: list[Tensor],
         anchors: list[Boxes],
         gt_labels: list[Tensor],
+        descriptor_feats: list[Tensor] | None = None,
     ) -> dict[str, Tensor]:
         teacher_all, _ = self.teacher.features(batched_inputs)
         teacher_features = [teacher_all[f] for f in self.distill_in_features]
@@ -124,6 +136,7 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
             torch.cat(pred_logits, dim=1)[batch_idx, anchor_idx],
             torch.cat(teacher_logits, dim=1)[batch_idx, anchor_idx],
             attenuation=self.attenuation(),
+            descriptor_feats=descriptor_feats,
         )
         get_event_storage().put_scalars(**stats)
         return losses

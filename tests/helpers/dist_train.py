@@ -21,6 +21,7 @@ def main(out_dir, config, opts):
     )
     cfg = setup_cfg(args)
     trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)  # MODEL.WEIGHTS, when given
     model = trainer.model.module if comm.get_world_size() > 1 else trainer.model
     initial = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainer.train()
@@ -34,6 +35,12 @@ def main(out_dir, config, opts):
             "initial": initial,
             "final": {k: v.detach().clone() for k, v in model.named_parameters()},
             "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
+            # this rank's gkd/ statistics: [(value, iteration), ...]
+            "history": {
+                k: h.values()
+                for k, h in trainer.storage.histories().items()
+                if k.startswith("gkd/")
+            },
         },
         f"{out_dir}/rank{comm.get_rank()}.pt",
     )

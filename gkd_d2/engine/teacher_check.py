@@ -1,0 +1,137 @@
+"""The teacher check: the teacher's AP on a small seeded subset, before any distillation.
+
+A teacher can load strictly and still be useless at inference (e.g. eval-mode BatchNorm with
+collapsed running statistics: every detection scores 1.0, AP 0). Distilling from it wastes the
+run and ends in exploding losses that point at nothing. ``TeacherCheck`` evaluates the teacher
+alone, as detectron2 would, on ``MODEL.TEACHER.CHECK_IMAGES`` images and stops training before
+iteration 0 when its AP is below ``MODEL.TEACHER.MIN_AP``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+from detectron2.config import CfgNode
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
+from detectron2.engine import HookBase
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+# the subset is drawn with this seed, the same in every run and on every rank
+CHECK_SEED = 0
+# metadata the evaluator needs from the source dataset (not json_file: that is the full set)
+_COPIED_METADATA = ("thing_classes", "thing_dataset_id_to_contiguous_id", "thing_colors")
+
+
+class TeacherCheckError(RuntimeError):
+    """The teacher's AP on the check subset is below ``MODEL.TEACHER.MIN_AP``."""
+
+
+def check_subset(cfg: CfgNode, num_images: int) -> tuple[str, list[dict]]:
+    """The dataset the check draws from and its ``num_images`` seeded images (all if fewer).
+
+    ``DATASETS.TEST[0]``, or ``DATASETS.TRAIN[0]`` when there is no test set or it has no
+    annotations (a test-dev split).
+    """
+    candidates = list(cfg.DATASETS.TEST[:1]) + list(cfg.DATASETS.TRAIN[:1])
+    for name in candidates:
+        dicts = DatasetCatalog.get(name)
+        if any(d.get("annotations") for d in dicts):
+            break
+    else:
+        raise TeacherCheckError(
+            f"Teacher check: no annotated images in {candidates} (DATASETS.TEST / TRAIN); set "
+            "MODEL.TEACHER.CHECK_IMAGES 0 to skip the check"
+        )
+    rng = np.random.RandomState(CHECK_SEED)
+    picks = sorted(rng.choice(len(dicts), min(num_images, len(dicts)), replace=False).tolist())
+    return name, [dicts[i] for i in picks]
+
+
+def teacher_ap(
+    teacher,
+    cfg: CfgNode,
+    build_evaluator: Callable[[CfgNode, str, str], DatasetEvaluator],
+) -> tuple[float, str, int]:
+    """bbox AP (percent) of the teacher alone on the check subset, through the project's
+    evaluator, on the teacher's own test-time input pipeline (its config's resize and format).
+
+    All ranks must call it (inference is sharded); every rank returns the same AP.
+
+    Returns:
+        (AP, the source dataset's name, the number of images).
+    """
+    source, subset = check_subset(cfg, cfg.MODEL.TEACHER.CHECK_IMAGES)
+    name = f"{source}__gkd_teacher_check"
+    # a temporary dataset of the subset, so that AP counts only its images' ground truth
+    DatasetCatalog.register(name, lambda: subset)
+    meta = MetadataCatalog.get(source)
+    MetadataCatalog.get(name).set(
+        evaluator_type="coco", **{k: meta.get(k) for k in _COPIED_METADATA if meta.get(k)}
+    )
+    folder = tempfile.mkdtemp(prefix="gkd_teacher_check_") if comm.is_main_process() else ""
+    folder = comm.all_gather(folder)[0]  # one folder for the converted ground truth
+    try:
+        loader = build_detection_test_loader(
+            subset, mapper=DatasetMapper(teacher.cfg, is_train=False), num_workers=0
+        )
+        evaluator = build_evaluator(cfg, name, folder)
+        results = inference_on_dataset(teacher.model, loader, evaluator)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        comm.synchronize()
+        if comm.is_main_process():
+            shutil.rmtree(folder, ignore_errors=True)
+    ap = float(results["bbox"]["AP"]) if results else float("nan")
+    return comm.all_gather(ap)[0], source, len(subset)
+
+
+class TeacherCheck(HookBase):
+    """Before training: log the teacher's AP (``gkd/teacher_ap``) and stop, naming the teacher,
+    when it is below ``MODEL.TEACHER.MIN_AP``."""
+
+    def __init__(self, cfg: CfgNode, model, build_evaluator):
+        self.cfg = cfg
+        self.model = model  # the GKD model (unwrapped); the trainer attaches its teacher later
+        self.build_evaluator = build_evaluator
+
+    def before_train(self) -> None:
+        t = self.cfg.MODEL.TEACHER
+        self.model.require_teacher()
+        teacher = self.model.teacher
+        start = time.perf_counter()
+        ap, source, n = teacher_ap(teacher, self.cfg, self.build_evaluator)
+        seconds = time.perf_counter() - start
+        who = (
+            f"teacher {teacher.cfg.MODEL.META_ARCHITECTURE} (MODEL.TEACHER.CONFIG_FILE "
+            f"{t.CONFIG_FILE!r}, MODEL.TEACHER.WEIGHTS {t.WEIGHTS!r})"
+        )
+        logger.info(
+            f"Teacher check: {who}: bbox AP {ap:.2f} on {n} images of {source} ({seconds:.1f}s)"
+        )
+        self.trainer.storage.put_scalar("gkd/teacher_ap", ap, smoothing_hint=False)
+        if t.MIN_AP > 0 and not (math.isfinite(ap) and ap >= t.MIN_AP):
+            raise TeacherCheckError(
+                f"Teacher check failed: the {who} scores bbox AP {ap:.2f} on {n} images of "
+                f"{source}, below MODEL.TEACHER.MIN_AP {t.MIN_AP:g}; distilling from it would "
+                "teach the student nothing. Evaluate it alone (python train_net.py "
+                f"--config-file {t.CONFIG_FILE} --eval-only MODEL.WEIGHTS {t.WEIGHTS}). A "
+                "teacher whose training loss was low but whose AP is about 0 is usually broken "
+                "at inference: eval-mode BatchNorm with degenerate running statistics (use GN "
+                "or no norm in the FPN and head, or FrozenBN). Point MODEL.TEACHER.WEIGHTS at a "
+                "trained teacher, or set MODEL.TEACHER.MIN_AP 0 to distil anyway."
+            )

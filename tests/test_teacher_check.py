@@ -1,0 +1,101 @@
+"""The teacher check: the teacher's AP on a seeded subset before iteration 0, and its floor."""
+
+import pytest
+import torch
+from conftest import REPO, setup_test_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.structures import Boxes, BoxMode, Instances
+
+import gkd_d2  # noqa: F401
+from gkd_d2.engine import Trainer
+from gkd_d2.engine.teacher_check import TeacherCheckError, check_subset
+
+CONFIGS = REPO / "tests" / "configs"
+TEACHER_CFG = CONFIGS / "tiny_retinanet.yaml"
+GKD_CFG = CONFIGS / "tiny_gkd_retinanet.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_iteration_teacher(tmp_path_factory) -> str:
+    """A teacher trained for a single iteration: it loads strictly, and is useless."""
+    out = tmp_path_factory.mktemp("teacher")
+    Trainer(setup_test_cfg(TEACHER_CFG, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out))).train()
+    return str(out / "model_final.pth")
+
+
+def gkd_trainer(tmp_path, weights, *opts) -> Trainer:
+    cfg = setup_test_cfg(
+        GKD_CFG,
+        "MODEL.TEACHER.WEIGHTS",
+        weights,
+        "SOLVER.MAX_ITER",
+        "1",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        *opts,
+    )
+    return Trainer(cfg)
+
+
+def test_a_one_iteration_teacher_is_refused_before_iteration_0(tmp_path, one_iteration_teacher):
+    trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "1.0")
+    with pytest.raises(TeacherCheckError) as e:
+        trainer.train()
+    message = str(e.value)
+    assert "Teacher check failed" in message
+    assert "tests/configs/tiny_retinanet.yaml" in message and one_iteration_teacher in message
+    assert "MODEL.TEACHER.MIN_AP 1" in message and "on 8 images of gkd_scenes_tiny_val" in message
+    ap = trainer.storage.histories()["gkd/teacher_ap"].latest()
+    assert 0.0 <= ap < 1.0 and f"bbox AP {ap:.2f}" in message
+    # nothing was distilled: no refresh, no step
+    assert int(trainer.model.distiller.bank_iter) == -1
+    assert "loss_gkd_fg" not in trainer.storage.histories()
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def oracle(dataset_name):
+    """A detector that outputs the ground truth of each image (score 1): AP 100."""
+    by_id = {d["image_id"]: d for d in DatasetCatalog.get(dataset_name)}
+
+    def forward(batched_inputs):
+        outputs = []
+        for x in batched_inputs:
+            d = by_id[x["image_id"]]
+            anns = d["annotations"]
+            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+            inst = Instances((d["height"], d["width"]))
+            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            inst.scores = torch.ones(len(anns))
+            inst.pred_classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.long)
+            outputs.append({"instances": inst})
+        return outputs
+
+    return forward
+
+
+def test_a_perfect_teacher_scores_100_and_training_goes_on(tmp_path, one_iteration_teacher):
+    trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "50.0")
+    # the check runs the teacher as detectron2 inference does (model(inputs)); distillation
+    # uses its backbone and head, untouched here
+    trainer.model.teacher.model.forward = oracle("gkd_scenes_tiny_val")
+    trainer.train()
+    history = trainer.storage.histories()
+    assert history["gkd/teacher_ap"].latest() == pytest.approx(100.0)
+    assert "loss_gkd_fg" in history and int(trainer.model.distiller.bank_iter) == 0
+
+
+def test_check_off_with_zero_images(tmp_path, one_iteration_teacher):
+    trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.CHECK_IMAGES", "0")
+    trainer.train()
+    assert "gkd/teacher_ap" not in trainer.storage.histories()
+
+
+def test_check_subset_is_seeded_and_falls_back_to_the_training_set(tmp_path):
+    cfg = setup_test_cfg(GKD_CFG, "OUTPUT_DIR", str(tmp_path))
+    name, a = check_subset(cfg, 5)
+    _, b = check_subset(cfg, 5)
+    assert name == "gkd_scenes_tiny_val" and len(a) == 5
+    assert [d["image_id"] for d in a] == [d["image_id"] for d in b]
+    assert len(check_subset(cfg, 10_000)[1]) == len(DatasetCatalog.get(name))  # all if fewer
+    no_test = setup_test_cfg(GKD_CFG, "OUTPUT_DIR", str(tmp_path), "DATASETS.TEST", "()")
+    assert check_subset(no_test, 5)[0] == "gkd_scenes_tiny_train"
