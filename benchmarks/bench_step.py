@@ -2,8 +2,8 @@
 """Training-step cost of GKD: a GKD step vs a student step + a teacher no-grad forward.
 
     python benchmarks/bench_step.py [--size 320] [--batch 2] [--steps 10] [--rounds 3]
-                                    [--detector retinanet|faster_rcnn] [--json FILE]
-                                    [KEY VALUE ...]   (GKD config overrides)
+                                    [--detector retinanet|faster_rcnn] [--norm BN]
+                                    [--json FILE] [KEY VALUE ...]   (GKD config overrides)
 
 RetinaNet (default): teacher R50-FPN (detectron2's bottleneck ResNet, 256-channel FPN), student
 R18-FPN (gkd_d2's basic-block ResNet at detectron2's R18 width), 80 classes, random weights, a
@@ -11,7 +11,10 @@ full prototype bank (80 classes x 10 prototypes x 5 levels). Faster R-CNN: the s
 with detectron2's Faster R-CNN heads. The GKD model's student starts from the plain student's
 weights (with random weights the proposals, hence the RoI heads' cost, depend on the weights).
 Images: the embedded scenes' validation split resized to --size, with their boxes; the same
---batch images every step (data loading is not what is measured).
+--batch images every step (data loading is not what is measured). The student's backbone and
+FPN norms are detectron2's defaults (FrozenBN, none) unless ``--norm`` sets both, in the plain
+and the GKD student alike: with a train-mode BN ("BN") GKD adds one eval-mode student backbone
+pass per step for r (``DistilledDetector.descriptor_features``), which this measures.
 
 Per round, one after the other on the same inputs: --steps student training steps (forward,
 backward, SGD step; learning rate 0, so that random weights stay finite: the same cost),
@@ -63,7 +66,9 @@ DETECTORS = {
 }
 
 
-def build_cfgs(detector: str, teacher_path: str, gkd_opts: list[str] | None = None):
+def build_cfgs(
+    detector: str, teacher_path: str, gkd_opts: list[str] | None = None, norm: str | None = None
+):
     from detectron2.config import get_cfg
 
     from gkd_d2 import add_gkd_config
@@ -83,6 +88,8 @@ def build_cfgs(detector: str, teacher_path: str, gkd_opts: list[str] | None = No
             d["student_backbone"],
         ]
     )
+    if norm is not None:
+        student.merge_from_list(["MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", norm])
     gkd = student.clone()
     gkd.merge_from_list(
         [
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--norm", help="the student's RESNETS.NORM and FPN.NORM (e.g. BN)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE for the GKD config")
     ns = parser.parse_args(argv)
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.mkdtemp()
     teacher_cfg, student_cfg, gkd_cfg = build_cfgs(
-        ns.detector, str(Path(tmp) / "teacher.yaml"), ns.opts
+        ns.detector, str(Path(tmp) / "teacher.yaml"), ns.opts, ns.norm
     )
     (Path(tmp) / "teacher.yaml").write_text(teacher_cfg.dump())
     torch.manual_seed(0)
@@ -231,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": ns.batch,
         "threads": ns.threads,
         "gkd_opts": " ".join(ns.opts),
+        "student_norm": student_cfg.MODEL.RESNETS.NORM,
+        "descriptor_pass": gkd.needs_descriptor_pass(),
         "student_step_s": round(med["student"], 4),
         "teacher_forward_s": round(med["teacher"], 4),
         "gkd_step_s": round(med["gkd"], 4),

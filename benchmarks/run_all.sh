@@ -10,6 +10,8 @@ $PY benchmarks/bench_pgm.py --json "$OUT/pgm.json"
 $PY benchmarks/bench_step.py --detector retinanet --json "$OUT/step_retinanet.json"
 $PY benchmarks/bench_step.py --detector faster_rcnn --json "$OUT/step_faster_rcnn.json"
 $PY benchmarks/bench_step.py --detector faster_rcnn --json "$OUT/step_faster_rcnn_adapter1.json" MODEL.GKD.ADAPTER_KERNEL 1
+$PY benchmarks/bench_step.py --detector retinanet --norm BN --json "$OUT/step_retinanet_bn.json"
+$PY benchmarks/bench_step.py --detector faster_rcnn --norm BN --json "$OUT/step_faster_rcnn_bn.json"
 $PY benchmarks/bench_memory.py --detector retinanet --json "$OUT/memory_retinanet.json"
 $PY benchmarks/bench_memory.py --detector faster_rcnn --json "$OUT/memory_faster_rcnn.json"
 $PY benchmarks/bench_refresh.py --config configs/quickstart_gkd_retinanet_cpu.yaml --json "$OUT/refresh_retinanet.json"

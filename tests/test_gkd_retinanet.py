@@ -236,3 +236,47 @@ def test_no_qualifying_instance_trains_with_r_one(tmp_path, teacher_weights):
     trainer.train()
     assert int(trainer.model.distiller.proto_counts.sum()) == 0
     assert trainer.storage.histories()["gkd/r_mean"].latest() == 1.0
+
+
+@pytest.mark.parametrize("form", ["auto", "softmax"])
+def test_one_class_soft_labels_are_distilled(tmp_path, form):
+    """K = 1 (single-class datasets): a softmax over one sigmoid logit is constant, so the
+    official soft-label term is identically 0; "auto" distils the sigmoid probabilities."""
+    from detectron2.utils.events import EventStorage
+
+    one_class = ["MODEL.RETINANET.NUM_CLASSES", "1"]
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_file(str(TEACHER_CFG))
+    cfg.merge_from_list(one_class)
+    torch.manual_seed(5)
+    weights = tmp_path / "teacher1.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    trainer = Trainer(
+        gkd_cfg(
+            tmp_path,
+            str(weights),
+            *one_class,
+            "MODEL.TEACHER.OPTS",
+            str(one_class),
+            "MODEL.GKD.SOFT_LABEL",
+            form,
+        )
+    )
+    model = trainer.model
+    assert model.distiller.soft_label == ("sigmoid" if form == "auto" else "softmax")
+    inputs = tiny_inputs(trainer.cfg)
+    for x in inputs:
+        x["instances"].gt_classes.zero_()
+    with EventStorage(0):
+        losses = model(inputs)
+    if form == "auto":
+        assert losses["loss_gkd_soft"].item() > 1e-4
+        losses["loss_gkd_soft"].backward()
+        assert model.head.cls_score.weight.grad.abs().sum() > 0
+    else:
+        assert losses["loss_gkd_soft"].item() == 0.0
+
+
+def test_soft_label_form_is_checked(tmp_path, teacher_weights):
+    with pytest.raises(ValueError, match="MODEL.GKD.SOFT_LABEL must be 'auto' or one of"):
+        Trainer(gkd_cfg(tmp_path, teacher_weights, "MODEL.GKD.SOFT_LABEL", "softmx"))
