@@ -28,6 +28,8 @@ from detectron2.engine import HookBase
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
 
+from .prototype_refresh import preserved_rng
+
 logger = logging.getLogger(__name__)
 
 # the subset is drawn with this seed, the same in every run and on every rank
@@ -114,7 +116,10 @@ class TeacherCheck(HookBase):
         self.model.require_teacher()
         teacher = self.model.teacher
         start = time.perf_counter()
-        ap, source, n = teacher_ap(teacher, self.cfg, self.build_evaluator)
+        # its data loader draws from torch's RNG: a resumed run must see the same RNG as the
+        # original one after the check
+        with preserved_rng():
+            ap, source, n = teacher_ap(teacher, self.cfg, self.build_evaluator)
         seconds = time.perf_counter() - start
         who = (
             f"teacher {teacher.cfg.MODEL.META_ARCHITECTURE} (MODEL.TEACHER.CONFIG_FILE "
