@@ -85,6 +85,9 @@ def _benchmark_inputs_missing() -> str:
     return ""
 
 
+# slow and unsettled: at 120 iterations on the 16-image tiny split it scored AP 0.21 (too
+# short to tell a weak model from a collapsed one); needs a longer schedule, to be set
+@pytest.mark.slow
 @pytest.mark.skipif(
     bool(_benchmark_inputs_missing()),
     reason="benchmark data absent: run tools/install_benchmark_data.sh",
