@@ -8,6 +8,15 @@ REPO = Path(__file__).resolve().parent.parent
 # Generated test datasets go to a project cache, never to a user's DETECTRON2_DATASETS.
 os.environ["DETECTRON2_DATASETS"] = str(REPO / ".cache" / "test-datasets")
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny_retinanet.yaml"
+# a tiny GKD student with the tiny teacher's widths (res2 32, FPN 64)
+TEACHER_WIDTHS = [
+    "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    "32",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "32",
+    "MODEL.FPN.OUT_CHANNELS",
+    "64",
+]
 
 
 def setup_test_cfg(config_file, *opts):

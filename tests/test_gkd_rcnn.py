@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    TEACHER_WIDTHS,
     bn_eval,
     identity_adapters,
     setup_test_cfg,
@@ -27,15 +28,6 @@ from gkd_d2.modeling.gkd_rcnn import positive_proposals
 
 TEACHER_CFG = REPO / "tests" / "configs" / "tiny_faster_rcnn.yaml"
 GKD_CFG = REPO / "tests" / "configs" / "tiny_gkd_faster_rcnn.yaml"
-# the student with the teacher's widths (res2 32, FPN 64)
-TEACHER_WIDTHS = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "32",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "32",
-    "MODEL.FPN.OUT_CHANNELS",
-    "64",
-]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, identity_adapters, setup_test_cfg
+from conftest import REPO, TEACHER_WIDTHS, identity_adapters, setup_test_cfg
 from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
@@ -30,15 +30,6 @@ DETECTORS = {
 # one process; the 2-process test below uses detectron2's naiveSyncBN)
 NORMS = ["BN", "SyncBN", "GN", "FrozenBN", ""]
 BATCH_STATISTICS = {"BN", "SyncBN", "naiveSyncBN"}
-# the student as wide as the tiny teacher, so that it can be the teacher
-SAME_WIDTH = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "32",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "32",
-    "MODEL.FPN.OUT_CHANNELS",
-    "64",
-]
 
 
 def norm_opts(norm: str) -> list[str]:
@@ -60,6 +51,25 @@ def self_teacher_weights(path, detector: str, norm: str) -> str:
                 m.running_var.uniform_(0.5, 2.0)
     torch.save({"model": model.state_dict()}, path)
     return str(path)
+
+
+def self_teacher_opts(teacher_cfg: str, norm: str, weights: str) -> list[str]:
+    """Overrides making the tiny GKD student the teacher ``teacher_cfg`` with ``norm``: the
+    teacher's widths and norms, its weights as the student's start, LR 0."""
+    return [
+        *TEACHER_WIDTHS,
+        *norm_opts(norm),
+        "MODEL.TEACHER.CONFIG_FILE",
+        str(CONFIGS / teacher_cfg),
+        "MODEL.TEACHER.OPTS",
+        str(norm_opts(norm)),
+        "MODEL.TEACHER.WEIGHTS",
+        weights,
+        "MODEL.WEIGHTS",
+        weights,
+        "SOLVER.BASE_LR",
+        "0.0",
+    ]
 
 
 class TeacherIsTheStudent(HookBase):
@@ -85,18 +95,7 @@ def self_teacher_trainer(tmp_path, detector: str, norm: str, *opts) -> Trainer:
     teacher_cfg, gkd_cfg = DETECTORS[detector]
     cfg = setup_test_cfg(
         CONFIGS / gkd_cfg,
-        *SAME_WIDTH,
-        *norm_opts(norm),
-        "MODEL.TEACHER.CONFIG_FILE",
-        str(CONFIGS / teacher_cfg),
-        "MODEL.TEACHER.OPTS",
-        str(norm_opts(norm)),
-        "MODEL.TEACHER.WEIGHTS",
-        weights,
-        "MODEL.WEIGHTS",
-        weights,
-        "SOLVER.BASE_LR",
-        "0.0",
+        *self_teacher_opts(teacher_cfg, norm, weights),
         "MODEL.GKD.GLOBAL_WEIGHT",
         "5.0",
         "OUTPUT_DIR",
@@ -206,18 +205,7 @@ def test_self_teacher_r_one_with_sync_bn_in_two_processes(tmp_path, python):
         "2",
         "--config",
         str(CONFIGS / "tiny_gkd_retinanet.yaml"),
-        *SAME_WIDTH,
-        *norm_opts("naiveSyncBN"),
-        "MODEL.TEACHER.CONFIG_FILE",
-        str(CONFIGS / "tiny_retinanet.yaml"),
-        "MODEL.TEACHER.OPTS",
-        str(norm_opts("naiveSyncBN")),
-        "MODEL.TEACHER.WEIGHTS",
-        weights,
-        "MODEL.WEIGHTS",
-        weights,
-        "SOLVER.BASE_LR",
-        "0.0",
+        *self_teacher_opts("tiny_retinanet.yaml", "naiveSyncBN", weights),
         "SOLVER.IMS_PER_BATCH",
         "4",
         "SOLVER.MAX_ITER",
