@@ -67,6 +67,16 @@ def test_teacher_frozen_untouched_and_outside_student_state(tmp_path, teacher_we
     assert len(instances["cls"]) > 0 and instances["box"].shape == (len(instances["cls"]), 4)
 
 
+def test_r_statistics_values():
+    from gkd_d2.modeling.distiller import _r_stats
+
+    stats = _r_stats("gkd/r", torch.tensor([1.0, 0.0, 0.75, 0.25, 0.5]))
+    # p10 interpolates between the two smallest: 0 + 0.4 * 0.25
+    expected = {"mean": 0.5, "min": 0.0, "p10": 0.1, "median": 0.5, "below_0.5": 0.4}
+    assert stats == pytest.approx({f"gkd/r_{k}": v for k, v in expected.items()})
+    assert _r_stats("gkd/r", torch.zeros(0))["gkd/r_median"] == 1.0
+
+
 def test_losses_and_r_statistics_logged(tmp_path, teacher_weights):
     trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "2"))
     trainer.train()
@@ -78,11 +88,15 @@ def test_losses_and_r_statistics_logged(tmp_path, teacher_weights):
         "gkd/r_mean",
         "gkd/r_min",
         "gkd/r_below_0.5",
+        "gkd/r_p10",
+        "gkd/r_median",
         "gkd/refresh_seconds",
     ):
         assert key in history, key
     r_mean = history["gkd/r_mean"].latest()
     assert 0.0 <= history["gkd/r_min"].latest() <= r_mean <= 1.0
+    assert history["gkd/r_min"].latest() <= history["gkd/r_p10"].latest()
+    assert history["gkd/r_p10"].latest() <= history["gkd/r_median"].latest() <= 1.0
     counts = trainer.model.distiller.proto_counts
     assert (counts > 0).all() and (counts <= 3).all()
     assert int(trainer.model.distiller.bank_iter) == 0

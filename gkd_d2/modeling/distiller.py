@@ -364,11 +364,21 @@ class GKDDistiller(nn.Module):
 
 
 def _r_stats(prefix: str, r: Tensor) -> dict[str, float]:
-    """Mean, min and fraction below 0.5 of robustness weights (1, 1, 0 when empty)."""
+    """Mean, min, 10th percentile, median and fraction below 0.5 of robustness weights
+    (1, 1, 1, 1, 0 when empty)."""
     if len(r) == 0:
-        return {f"{prefix}_mean": 1.0, f"{prefix}_min": 1.0, f"{prefix}_below_0.5": 0.0}
+        return {
+            f"{prefix}_mean": 1.0,
+            f"{prefix}_min": 1.0,
+            f"{prefix}_p10": 1.0,
+            f"{prefix}_median": 1.0,
+            f"{prefix}_below_0.5": 0.0,
+        }
+    p10, median = torch.quantile(r.detach().float(), r.new_tensor([0.1, 0.5]).float()).tolist()
     return {
         f"{prefix}_mean": float(r.mean()),
         f"{prefix}_min": float(r.min()),
+        f"{prefix}_p10": p10,
+        f"{prefix}_median": median,
         f"{prefix}_below_0.5": float((r < 0.5).float().mean()),
     }
