@@ -1,21 +1,27 @@
 # gkd_d2: `make demo` runs the main job (GKD demo), `make test` runs the test suite. Both set up everything
-# they need first (a virtualenv in .venv/, the pinned stack, patched detectron2, this package);
-# the set-up is skipped when its inputs have not changed since the last run.
+# they need first (a virtualenv in .venv/, the pinned stack, detectron2, this package); the set-up is
+# skipped when its inputs have not changed since the last run.
+# detectron2: DETECTRON2_SOURCE says which (see tools/install_detectron2.py): unset = the official
+# main at the pinned commit, compiled with its C++ ops (../shared/vendor's snapshot when there is
+# one, else git); `pypi` = the pure-Python 0.6 fallback; or a .tar.gz, a folder, git+URL@commit.
+# Another venv for another build: `make test VENV=.venv-pypi DETECTRON2_SOURCE=pypi`.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gkd_d2-installed
+export DETECTRON2_SOURCE
 
 .PHONY: install demo test lint bench-perf bench-accuracy clean-venv
 
+# detectron2's own step runs every time: it is instant when the requested build is installed
 install: $(STAMP)
+	$(PY) tools/install_detectron2.py
 
-$(STAMP): requirements.txt setup.cfg pyproject.toml tools/install_detectron2.py
+$(STAMP): requirements.txt setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# pip >= 26.3 refuses to download the detectron2 sdist (its extra `all` names a URL)
 	$(PY) -m pip install -q 'pip>=23.2,<26.3'
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 

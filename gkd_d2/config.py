@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Sequence
 
@@ -158,3 +159,43 @@ def merge_config(cfg: CfgNode, config_file: str | None = None, opts: Sequence = 
             elif "Type mismatch" in msg:
                 hint = " Give a value of the key's type (quote lists and tuples: '(\"a\",)')."
             raise ConfigError(f"Cannot merge {source}: {msg.rstrip('.!')}.{hint}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def retinanet_head_takes_gn() -> bool:
+    """Whether the installed detectron2's ``RetinaNetHead`` can be built with GroupNorm.
+
+    detectron2 0.6 builds its norms with one channel (``GroupNorm(32, 1)``: a ValueError); main
+    fixed it. Checked by building a tiny head, so any detectron2 answers for itself.
+    """
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    try:
+        RetinaNetHead(
+            input_shape=[ShapeSpec(channels=32)],
+            num_classes=1,
+            num_anchors=1,
+            conv_dims=[32],
+            norm="GN",
+        )
+    except ValueError:
+        return False
+    return True
+
+
+def check_supported(cfg: CfgNode, where: str) -> None:
+    """Raise :class:`ConfigError` for a config the installed detectron2 cannot build, naming the
+    key, the config (``where``) and the fix, instead of a ValueError deep in model building."""
+    if (
+        "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+        and cfg.MODEL.RETINANET.NORM == "GN"
+        and not retinanet_head_takes_gn()
+    ):
+        raise ConfigError(
+            f"{where}: MODEL.RETINANET.NORM 'GN' cannot be built by the installed detectron2 "
+            "(0.6's RetinaNetHead makes GroupNorm(32, 1): 'num_channels (1) must be divisible "
+            "by num_groups (32)'). detectron2 main fixed it: install it with `make install` "
+            "(DETECTRON2_SOURCE unset, see README 'Install'), or set MODEL.RETINANET.NORM to '' "
+            "(detectron2's default) or 'BN'"
+        )

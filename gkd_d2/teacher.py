@@ -22,7 +22,7 @@ from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointLoadError, GKDCheckpointer
-from .config import ConfigError, add_gkd_config, merge_config
+from .config import ConfigError, add_gkd_config, check_supported, merge_config
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ def build_teacher(cfg: CfgNode) -> FrozenTeacher:
     # Cheap checks before building a possibly large model.
     _check_num_classes(cfg, tcfg)
     _check_weights_path(tcfg.MODEL.WEIGHTS, cfg.MODEL.TEACHER.CONFIG_FILE)
+    check_supported(tcfg, f"the teacher config {cfg.MODEL.TEACHER.CONFIG_FILE!r}")
     model = build_model(tcfg)
     load_teacher_weights(model, tcfg.MODEL.WEIGHTS, cfg.MODEL.TEACHER.ALLOW_PARTIAL_LOAD)
     teacher = FrozenTeacher(model, tcfg, cfg.INPUT.FORMAT)

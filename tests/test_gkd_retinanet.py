@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 
 import gkd_d2  # noqa: F401
 from gkd_d2 import add_gkd_config
+from gkd_d2.config import ConfigError, retinanet_head_takes_gn
 from gkd_d2.engine import Trainer
 from gkd_d2.teacher import TeacherLoadError
 
@@ -202,7 +203,9 @@ def test_two_processes_build_the_same_bank_as_one(tmp_path, python, teacher_weig
         "distiller.bank_iter",
     ):
         assert torch.equal(r0[k], r1[k]), k
-        torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-6)
+        # float noise only (one process vs two with other thread counts; measured up to 2.2e-6
+        # with detectron2 main): a wrong image in the bank moves prototypes by ~1e-1
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-5)
     assert (one["distiller.proto_counts"] > 0).all()
 
 
@@ -294,3 +297,38 @@ def test_one_class_soft_labels_are_distilled(tmp_path, form):
 def test_soft_label_form_is_checked(tmp_path, teacher_weights):
     with pytest.raises(ValueError, match="MODEL.GKD.SOFT_LABEL must be 'auto' or one of"):
         Trainer(gkd_cfg(tmp_path, teacher_weights, "MODEL.GKD.SOFT_LABEL", "softmx"))
+
+
+def test_retinanet_head_with_gn(tmp_path, teacher_weights):
+    """RETINANET.NORM GN: trains on detectron2 main (which fixed 0.6's GroupNorm(32, 1)); on 0.6
+    it is refused before building, naming the key and the fix."""
+    # a 64-channel FPN: GroupNorm(32, 32) has one value per group on the 1x1 P7 of a small image
+    opts = ["MODEL.RETINANET.NORM", "GN", "MODEL.FPN.OUT_CHANNELS", "64", "SOLVER.MAX_ITER", "2"]
+    cfg = gkd_cfg(tmp_path, teacher_weights, *opts)
+    if not retinanet_head_takes_gn():
+        with pytest.raises(ConfigError, match=r"MODEL\.RETINANET\.NORM 'GN'.*detectron2 main"):
+            Trainer(cfg)
+        return
+    trainer = Trainer(cfg)
+    norms = [m for m in trainer.model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels == 64 for m in norms)
+    trainer.train()
+    losses = trainer.storage.histories()
+    assert all(
+        torch.isfinite(torch.tensor(losses[k].latest())) for k in ("loss_cls", "loss_gkd_fg")
+    )
+
+
+def test_trainer_leaves_detectron2_module_state_alone(tmp_path, teacher_weights):
+    """Building, resuming and training write nothing into detectron2's modules (the names in
+    detectron2.engine.defaults and train_loop stay detectron2's own)."""
+    from detectron2.engine import defaults, train_loop
+
+    before = {m.__name__: dict(vars(m)) for m in (defaults, train_loop)}
+    trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "1"))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    for m in (defaults, train_loop):
+        after = vars(m)
+        changed = [k for k in before[m.__name__] if after.get(k) is not before[m.__name__][k]]
+        assert not changed, (m.__name__, changed)

@@ -109,14 +109,26 @@ def _cpu_worker(
     dist.init_process_group(
         "gloo", init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
     )
-    # detectron2 keeps a group of the processes of this machine (for get_local_rank/size).
-    for machine in range(world_size // num_per_machine):
-        ranks = list(range(machine * num_per_machine, (machine + 1) * num_per_machine))
-        group = dist.new_group(ranks)
-        if machine == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+    _create_local_process_group(world_size, num_per_machine, machine_rank)
     comm.synchronize()
     try:
         main_func(*args)
     finally:
         dist.destroy_process_group()
+
+
+def _create_local_process_group(world_size: int, num_per_machine: int, machine_rank: int) -> None:
+    """detectron2's group of this machine's processes (for ``comm.get_local_rank/size``).
+
+    detectron2 main builds it with the public ``comm.create_local_process_group``; 0.6 has no
+    such function, and its own launcher sets the module's ``_LOCAL_PROCESS_GROUP``, as done here
+    for 0.6 only.
+    """
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(num_per_machine)
+        return
+    for machine in range(world_size // num_per_machine):
+        ranks = list(range(machine * num_per_machine, (machine + 1) * num_per_machine))
+        group = dist.new_group(ranks)  # every process creates every group, as torch requires
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
@@ -10,6 +9,7 @@ import math
 import os
 import random
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,15 +22,22 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer, default_setup, hooks
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_setup,
+    hooks,
+)
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import GKDCheckpointer
-from ..config import add_gkd_config, merge_config
+from ..config import add_gkd_config, check_supported, merge_config
 from .prototype_refresh import PrototypeRefresh
 from .teacher_check import TeacherCheck
 
@@ -39,26 +46,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """A training loss term became NaN or infinite (FloatingPointError, as detectron2 raises)."""
-
-
-@contextlib.contextmanager
-def _d2_defaults_patched(cfg: CfgNode) -> Iterator[None]:
-    """Make DefaultTrainer's constructor build a :class:`GKDCheckpointer` and, on the CPU, DDP
-    with ``device_ids=None``.
-
-    DefaultTrainer passes ``device_ids=[local_rank]``, which DDP rejects for a CPU module, and
-    builds its checkpointer (which the PeriodicCheckpointer hook keeps) inside ``__init__``;
-    the constructor offers no other seam than the module-level names it calls.
-    """
-    original_ddp, original_ckpt = d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer
-    if cfg.MODEL.DEVICE == "cpu":
-        d2_defaults.create_ddp_model = functools.partial(original_ddp, device_ids=None)
-    d2_defaults.DetectionCheckpointer = GKDCheckpointer
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = original_ddp
-        d2_defaults.DetectionCheckpointer = original_ckpt
 
 
 def check_finite_losses(
@@ -158,6 +145,27 @@ def torch_rng_neutral(iterable) -> Iterator:
         yield item
 
 
+class ResumableTrainLoader:
+    """The training batches, continuing the data stream where a resumed run left it.
+
+    ``build(start_iter)`` makes a loader whose stream starts ``start_iter`` batches in; it is
+    called once now with 0 (so that a bad dataset fails when the trainer is built, as in
+    detectron2) and again at the first batch when ``start_iter()`` then says that
+    ``resume_or_load`` continued a run. Iterating starts nothing until the first batch:
+    detectron2 0.6's SimpleTrainer calls ``iter()`` in its constructor, before the resume.
+    Batches come through :func:`torch_rng_neutral`.
+    """
+
+    def __init__(self, build: Callable[[int], Any], start_iter: Callable[[], int]):
+        self._build = build
+        self._start_iter = start_iter
+        self.loader = build(0)
+
+    def __iter__(self) -> Iterator:
+        start = self._start_iter()
+        yield from torch_rng_neutral(self.loader if start == 0 else self._build(start))
+
+
 def train_dataset_dicts(cfg: CfgNode) -> list[dict]:
     """The training set as the loader sees it (detectron2's filtering); loaded once per process."""
     return _train_dataset_dicts(
@@ -206,9 +214,33 @@ class Trainer(DefaultTrainer):
     GKD meta-architectures, the frozen teacher and the prototype-refresh hook."""
 
     def __init__(self, cfg: CfgNode):
-        with _d2_defaults_patched(cfg):
-            super().__init__(cfg)
-        self._trainer._data_loader_iter = torch_rng_neutral(self._trainer.data_loader)
+        # DefaultTrainer's own constructor, through public seams only: on the CPU DDP needs
+        # device_ids=None (DefaultTrainer passes [local_rank], which DDP rejects for a CPU
+        # module), the checkpointer is a GKDCheckpointer, and the loader can continue a resumed
+        # data stream; everything else is as in detectron2 (0.6 and main alike).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        this = weakref.proxy(self)
+        data_loader = ResumableTrainLoader(
+            lambda start: this.build_train_loader(cfg, start_iter=start),
+            lambda: this.start_iter,
+        )
+        ddp_args = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_args)
+        # positional: main added arguments to AMPTrainer between these and grad_scaler
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = GKDCheckpointer(model, cfg.OUTPUT_DIR, trainer=this)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
         model = _unwrap(self.model)
         # a NaN/Inf loss term stops training before its backward pass, named with the iteration
         self._finite_loss_hook = model.register_forward_hook(_FiniteLossHook(self.checkpointer))
@@ -222,6 +254,11 @@ class Trainer(DefaultTrainer):
                 if cfg.MODEL.GKD.ATTENUATION
                 else None
             )
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        check_supported(cfg, "the config")
+        return super().build_model(cfg)
 
     @staticmethod
     def epoch_length(cfg: CfgNode) -> int:
@@ -267,14 +304,6 @@ class Trainer(DefaultTrainer):
         sampler = ResumableTrainingSampler(len(dataset), seed=seed, skip=start_iter * per_rank)
         return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
 
-    def resume_or_load(self, resume: bool = True) -> None:
-        super().resume_or_load(resume=resume)
-        if self.start_iter > 0 and self.cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
-            # continue the data stream where the checkpointed run left it
-            loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
-            self._trainer.data_loader = loader
-            self._trainer._data_loader_iter = torch_rng_neutral(loader)
-
     def train(self) -> dict | None:
         """Train; return the final evaluation results (detectron2 0.6 returns them only when
         TEST.EXPECTED_RESULTS is set), or None when nothing was evaluated."""
@@ -293,8 +322,8 @@ class Trainer(DefaultTrainer):
                 h.after_train()
 
     # detectron2 0.6 leaves the optimizer state (SGD momentum, the AMP grad scaler) out of its
-    # checkpoints, so --resume restarted momentum from zero; later detectron2 versions save it
-    # under "_trainer" as done here.
+    # checkpoints, so --resume restarted momentum from zero; detectron2 main saves it under
+    # "_trainer" as done here (and its load_state_dict fails on a checkpoint without it).
     # The RNG states (data augmentation draws from numpy's) make the resumed run the same run.
     def state_dict(self) -> dict:
         ret = super().state_dict()
@@ -303,7 +332,9 @@ class Trainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        # TrainerBase's (iteration, hooks), then the parts DefaultTrainer adds on main or not on
+        # 0.6, read here once so that both versions load the same checkpoints
+        TrainerBase.load_state_dict(self, state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
