@@ -3,28 +3,30 @@
 
     python benchmarks/bench_step.py [--size 320] [--batch 2] [--steps 10] [--rounds 3]
                                     [--detector retinanet|faster_rcnn] [--norm BN]
+                                    [--device cuda] [--teacher-depth 101] [--student-depth 50]
                                     [--json FILE] [KEY VALUE ...]   (GKD config overrides)
 
 RetinaNet (default): teacher R50-FPN (detectron2's bottleneck ResNet, 256-channel FPN), student
-R18-FPN (gkd_d2's basic-block ResNet at detectron2's R18 width), 80 classes, random weights, a
-full prototype bank (80 classes x 10 prototypes x 5 levels). Faster R-CNN: the same backbones
+R18-FPN (gkd_d2's basic-block ResNet at detectron2's R18 width; depths 50+ are detectron2's ResNet:
+the paper's R101 -> R50 is ``--teacher-depth 101 --student-depth 50``), 80 classes, random weights,
+a full prototype bank (80 classes x 10 prototypes x 5 levels). Faster R-CNN: the same backbones
 with detectron2's Faster R-CNN heads. The GKD model's student starts from the plain student's
 weights (with random weights the proposals, hence the RoI heads' cost, depend on the weights).
-Images: the embedded scenes' validation split resized to --size, with their boxes; the same
---batch images every step (data loading is not what is measured). The student's backbone and
-FPN norms are detectron2's defaults (FrozenBN, none) unless ``--norm`` sets both, in the plain
-and the GKD student alike: with a train-mode BN ("BN") GKD adds one eval-mode student backbone
-pass per step for r (``DistilledDetector.descriptor_features``), which this measures.
+Images: the embedded scenes' validation split resized to --size, with their boxes; the same --batch
+images every step (data loading is not what is measured). The student's backbone and FPN norms are
+detectron2's defaults (FrozenBN, none) unless ``--norm`` sets both, in the plain and the GKD
+student alike: with a train-mode BN ("BN") GKD adds one eval-mode student backbone pass per step
+for r (``DistilledDetector.descriptor_features``), which this measures.
 
 Per round, one after the other on the same inputs: --steps student training steps (forward,
-backward, SGD step; learning rate 0, so that random weights stay finite: the same cost),
---steps teacher forwards under no_grad (the backbone, and for RetinaNet the head whose logits
-GKD uses; for Faster R-CNN the backbone only, its box head on the few positive RoIs being
-small), and --steps GKD steps (student + teacher + distillation). Figures are medians
-over rounds of the per-round mean step time, so the three are measured side by side under the
-same load. Prints the ratio GKD / (student + teacher) (target <= 1.10 on the CPU), the time of
-the distiller's forward (pooling + RDM + losses) as a share of the GKD step, and the top
-operators of one GKD step from torch.profiler.
+backward, SGD step; learning rate 0, so that random weights stay finite: the same cost), --steps
+teacher forwards under no_grad (the backbone, and for RetinaNet the head whose logits GKD uses; for
+Faster R-CNN the backbone only, its box head on the few positive RoIs being small), and --steps GKD
+steps (student + teacher + distillation). Figures are medians over rounds of the per-round mean
+step time, so the three are measured side by side under the same load (on CUDA, synchronised before
+and after each timed loop). Prints the ratio GKD / (student + teacher) (target <= 1.10 on the CPU),
+the time of the distiller's forward (pooling + RDM + losses) as a share of the GKD step, and the
+top operators of one GKD step from torch.profiler.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ DETECTORS = {
 
 
 def build_cfgs(
-    detector: str, teacher_path: str, gkd_opts: list[str] | None = None, norm: str | None = None
+    detector: str,
+    teacher_path: str,
+    gkd_opts: list[str] | None = None,
+    norm: str | None = None,
+    device: str = "cpu",
+    depths: tuple[int, int] = (50, 18),
 ):
     from detectron2.config import get_cfg
 
@@ -76,18 +83,14 @@ def build_cfgs(
     d = DETECTORS[detector]
     teacher = add_gkd_config(get_cfg())
     teacher.merge_from_file(str(REPO / d["base"]))
-    teacher.merge_from_list(COMMON + ["MODEL.RESNETS.DEPTH", "50", d["classes"], "80"])
+    teacher.merge_from_list(COMMON + ["MODEL.RESNETS.DEPTH", str(depths[0]), d["classes"], "80"])
+    teacher.MODEL.DEVICE = device
     student = teacher.clone()
-    student.merge_from_list(
-        [
-            "MODEL.RESNETS.DEPTH",
-            "18",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS",
-            "64",
-            "MODEL.BACKBONE.NAME",
-            d["student_backbone"],
-        ]
-    )
+    student.merge_from_list(["MODEL.RESNETS.DEPTH", str(depths[1])])
+    if depths[1] < 50:  # R18/R34: gkd_d2's basic-block ResNet at detectron2's width
+        student.merge_from_list(
+            ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.BACKBONE.NAME", d["student_backbone"]]
+        )
     if norm is not None:
         student.merge_from_list(["MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", norm])
     gkd = student.clone()
@@ -141,9 +144,12 @@ def train_step(model, optimizer, batch) -> None:
 
 
 def mean_time(fn, steps: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync()  # CUDA runs asynchronously: time the work, not its launch
     return (time.perf_counter() - start) / steps
 
 
@@ -156,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--norm", help="the student's RESNETS.NORM and FPN.NORM (e.g. BN)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--teacher-depth", type=int, default=50, choices=[50, 101, 152])
+    parser.add_argument("--student-depth", type=int, default=18, choices=[18, 34, 50, 101])
     parser.add_argument("--json", type=Path)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE for the GKD config")
     ns = parser.parse_args(argv)
@@ -167,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.mkdtemp()
     teacher_cfg, student_cfg, gkd_cfg = build_cfgs(
-        ns.detector, str(Path(tmp) / "teacher.yaml"), ns.opts, ns.norm
+        ns.detector,
+        str(Path(tmp) / "teacher.yaml"),
+        ns.opts,
+        ns.norm,
+        ns.device,
+        (ns.teacher_depth, ns.student_depth),
     )
     (Path(tmp) / "teacher.yaml").write_text(teacher_cfg.dump())
     torch.manual_seed(0)
@@ -235,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in rounds.items()}
     result = {
         "detector": ns.detector,
+        "device": ns.device,
+        "depths": f"R{ns.teacher_depth} -> R{ns.student_depth}",
         "size": ns.size,
         "batch": ns.batch,
         "threads": ns.threads,

@@ -88,4 +88,63 @@ def test_checksum_mismatch_names_file(pristine, tmp_path):
 def test_installed_build_is_current():
     import sys
 
-    assert inst.installed_patch_level_ok(sys.executable)
+    build = inst.installed_build(sys.executable)
+    assert build is not None and build["patch_level"] == inst.PATCH_LEVEL
+
+
+# ---- official source snapshots (../shared/vendor on these machines) ----------------------------
+VENDOR = REPO.parent / "shared" / "vendor"
+
+
+def snapshot(name: str):
+    path = VENDOR / name
+    if not path.is_file():
+        pytest.skip(f"{path} not here (the official snapshots live in ../shared/vendor)")
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, patched",
+    [
+        ("detectron2-02b5c4e2.tar.gz", ["model_zoo without pkg_resources"]),
+        ("detectron2-v0.6.tar.gz", ["model_zoo without pkg_resources", "NumPy/Pillow aliases"]),
+    ],
+)
+def test_source_snapshot_checked_and_patched(name, patched, tmp_path):
+    tree, build_id, what = inst.unpack_source(str(snapshot(name)), tmp_path)
+    assert build_id == "sha256-" + inst.SNAPSHOTS[name][0][:16]
+    assert what == inst.SNAPSHOTS[name][1]
+    assert (tree / "detectron2" / "layers" / "csrc" / "vision.cpp").is_file()
+    assert inst.patch_source_tree(tree) == patched
+    text = "".join(p.read_text() for p in (tree / "detectron2").rglob("*.py"))
+    assert "pkg_resources" not in text and not inst.NP_ALIAS.search(text)
+    assert inst.patch_source_tree(tree) == []  # a patched tree needs nothing more
+
+
+def test_damaged_snapshot_is_refused_by_name(tmp_path):
+    snapshot("detectron2-02b5c4e2.tar.gz")
+    fake = tmp_path / "detectron2-02b5c4e2.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(REPO / "setup.cfg", arcname="detectron2-02b5c4e2/setup.cfg")
+    with pytest.raises(inst.PatchError, match=rf"{fake}: sha256 [0-9a-f]{{64}} does not match"):
+        inst.unpack_source(str(fake), tmp_path / "x")
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(inst.PatchError, match="'/no/such/detectron2': no such file or folder"):
+        inst.unpack_source("/no/such/detectron2", tmp_path)
+    with pytest.raises(inst.PatchError, match="a git source is git\\+URL@commit"):
+        inst.unpack_source("git+https://example.com/detectron2.git", tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(inst.PatchError, match="folder: not a detectron2 source tree"):
+        inst.unpack_source(str(tmp_path / "folder"), tmp_path / "copy")
+    with pytest.raises(inst.PatchError, match="not a detectron2 source tree"):
+        inst.patch_source_tree(tmp_path / "folder")
+
+
+def test_default_source_is_the_pinned_main():
+    source = inst.default_source()
+    if (VENDOR / inst.DEFAULT_SNAPSHOT).is_file():
+        assert source == str(VENDOR / inst.DEFAULT_SNAPSHOT)
+    else:
+        assert source == f"git+{inst.OFFICIAL_GIT}@{inst.PINNED_COMMIT}"

@@ -281,10 +281,7 @@ def patch_source_tree(root: Path) -> list[str]:
     (exactly as many as the sdist, whose ``detectron2/`` is byte-identical to the tag's). A tree
     with neither needs nothing.
     """
-    if not (root / "setup.py").is_file() or not (root / "detectron2" / "layers" / "csrc").is_dir():
-        raise PatchError(
-            f"{root}: not a detectron2 source tree (needs setup.py and detectron2/layers/csrc/)"
-        )
+    check_source_tree(root)
     done = []
     zoo = root / "detectron2" / "model_zoo" / "model_zoo.py"
     if "import pkg_resources" in zoo.read_text():
@@ -295,6 +292,14 @@ def patch_source_tree(root: Path) -> list[str]:
         patch_aliases(root)
         done.append("NumPy/Pillow aliases")
     return done
+
+
+def check_source_tree(root: Path, source: str = "") -> None:
+    if not (root / "setup.py").is_file() or not (root / "detectron2" / "layers" / "csrc").is_dir():
+        raise PatchError(
+            f"{source or root}: not a detectron2 source tree (needs setup.py and "
+            "detectron2/layers/csrc/)"
+        )
 
 
 def describe_tree(root: Path) -> str:
@@ -332,6 +337,7 @@ def unpack_source(spec: str, tmp: Path) -> tuple[Path, str, str]:
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 raise PatchError(f"{' '.join(cmd)} failed: {run.stderr.strip()[-300:]}")
+        check_source_tree(tree, spec)
         head = subprocess.run(
             ["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
@@ -342,6 +348,7 @@ def unpack_source(spec: str, tmp: Path) -> tuple[Path, str, str]:
     if path.is_dir():
         tree = tmp / "detectron2"
         shutil.copytree(path, tree, ignore=shutil.ignore_patterns(".git", "build", "*.so"))
+        check_source_tree(tree, str(path))
         return tree, f"dir-{tree_digest(tree)[:16]}", f"folder {path} ({describe_tree(tree)})"
     got = sha256_of(path)
     known = SNAPSHOTS.get(path.name)
@@ -359,6 +366,7 @@ def unpack_source(spec: str, tmp: Path) -> tuple[Path, str, str]:
     tops = [p for p in (tmp / "src").iterdir() if p.is_dir()]
     if len(tops) != 1:
         raise PatchError(f"{path}: expected one top-level folder inside, found {len(tops)}")
+    check_source_tree(tops[0], str(path))
     what = known[1] if known else f"{path.name} ({describe_tree(tops[0])})"
     return tops[0], f"sha256-{got[:16]}", what
 
