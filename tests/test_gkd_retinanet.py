@@ -325,7 +325,16 @@ def test_trainer_leaves_detectron2_module_state_alone(tmp_path, teacher_weights)
     from detectron2.engine import defaults, train_loop
 
     before = {m.__name__: dict(vars(m)) for m in (defaults, train_loop)}
-    trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "1"))
+    during = {}
+
+    class Spy(Trainer):
+        def build_hooks(self):  # runs inside the constructor, where a patch would be active
+            during.update(vars(defaults))
+            return super().build_hooks()
+
+    trainer = Spy(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "1"))
+    in_init = [k for k, v in before[defaults.__name__].items() if during.get(k) is not v]
+    assert not in_init, in_init
     trainer.resume_or_load(resume=False)
     trainer.train()
     for m in (defaults, train_loop):

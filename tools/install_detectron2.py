@@ -303,7 +303,8 @@ def check_source_tree(root: Path, source: str = "") -> None:
 
 
 def describe_tree(root: Path) -> str:
-    """ "main-like" (after v0.6: it has comm.create_local_process_group) or "0.6"."""
+    """Which line a tree is on: "main-like" (it has comm.create_local_process_group, added after
+    v0.6) or "0.6"."""
     comm = (root / "detectron2" / "utils" / "comm.py").read_text()
     return "main-like" if "def create_local_process_group" in comm else "0.6"
 
@@ -435,11 +436,11 @@ def install_from_source(python: str, spec: str, cache: Path, force: bool) -> str
             "cuda": cuda,
             "patch_level": PATCH_LEVEL,
         }
-        if not force and installed_build(python) == info:
+        if not force and current == info:
             return f"detectron2 {what} (compiled, {ops}) already installed"
         patched = patch_source_tree(tree)
         write_build_module(tree, info)
-        wheels = cache / f"{build_id}-{'cuda' if info['cuda'] else 'cpu'}-p{PATCH_LEVEL}"
+        wheels = cache / f"{build_id}-{'cuda' if cuda else 'cpu'}-p{PATCH_LEVEL}"
         start = time.perf_counter()
         if force or not list(wheels.glob("detectron2-*.whl")):
             shutil.rmtree(wheels, ignore_errors=True)

@@ -225,9 +225,12 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         this = weakref.proxy(self)
+        # only detectron2's TrainingSampler can skip (ResumableTrainingSampler); another sampler's
+        # stream restarts on resume, as in detectron2, so its loader is not built a second time
+        resumable = cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
         data_loader = ResumableTrainLoader(
             lambda start: this.build_train_loader(cfg, start_iter=start),
-            lambda: this.start_iter,
+            lambda: this.start_iter if resumable else 0,
         )
         ddp_args = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_args)
