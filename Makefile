@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gkd_d2-installed
 export DETECTRON2_SOURCE
 
-.PHONY: install demo test lint bench-perf bench-accuracy clean-venv
+.PHONY: install demo test rehearse lint bench-perf bench-accuracy clean-venv
 
 # detectron2's own step runs every time: it is instant when the requested build is installed
 install: $(STAMP)
@@ -31,6 +31,11 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# the paper configs end to end at 800 px on stand-in data (tools/rehearse.py; about 3 minutes
+# each on 2 cores); `make rehearse REHEARSE="-k coco"` for the COCO ones only
+rehearse: install
+	GKD_SLOW=1 $(PY) -m pytest -q tests/test_rehearsal.py::test_paper_config_rehearsal $(REHEARSE)
 
 # the performance benchmarks of docs/performance.md (about 10 minutes on 2 cores)
 bench-perf: install
