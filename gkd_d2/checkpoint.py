@@ -24,6 +24,61 @@ class CheckpointLoadError(RuntimeError):
 _TRUST_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pkl", ".pyth")
+# how far below the nearest existing folder to look for checkpoints, and how many to name
+_NEARBY_DEPTH, _NEARBY_LISTED, _NEARBY_SCANNED = 3, 8, 5000
+
+
+def nearby_checkpoints(path: str) -> tuple[str, list[str]]:
+    """Where to look instead of a missing checkpoint ``path``: the nearest existing folder
+    above it and the checkpoint files (``.pth``, ``.pkl``, ``.pyth``) up to three levels
+    below that folder, newest first (hidden folders and virtualenvs skipped).
+
+    Returns:
+        (the folder searched, up to 8 paths as given relative to the current folder when they
+        are under it; empty when the folder is the filesystem root).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    if folder == os.path.dirname(folder):  # "/": too wide to search
+        return folder, []
+    found, scanned = [], 0
+    base_depth = folder.rstrip(os.sep).count(os.sep)
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "site-packages")
+        )
+        if root.count(os.sep) - base_depth >= _NEARBY_DEPTH:
+            dirs[:] = []
+        for f in files:
+            scanned += 1
+            if f.endswith(CHECKPOINT_SUFFIXES):
+                found.append(os.path.join(root, f))
+        if scanned > _NEARBY_SCANNED:
+            break
+    found.sort(key=lambda f: os.path.getmtime(f), reverse=True)
+    cwd = os.getcwd()
+    shown = [os.path.relpath(f) if f.startswith(cwd + os.sep) else f for f in found]
+    return folder, shown[:_NEARBY_LISTED]
+
+
+def missing_checkpoint_message(path: str, named_by: str = "") -> str:
+    """'Checkpoint ... not found' (or 'is a directory') with the nearest existing checkpoints;
+    ``named_by`` says where the path came from (e.g. a last_checkpoint file)."""
+    name = f"Checkpoint {path!r}" + (f" (named by {named_by!r})" if named_by else "")
+    if os.path.isdir(path):
+        what = f"{name} is a directory, not a checkpoint file"
+    else:
+        what = f"{name} not found (no such file)"
+    folder, near = nearby_checkpoints(path if not os.path.isdir(path) else os.path.join(path, "x"))
+    if near:
+        return f"{what}. Nearest existing checkpoints (under {folder!r}, newest first): " + (
+            ", ".join(near)
+        )
+    return f"{what}. No checkpoint file (.pth, .pkl) under {folder!r} either"
+
+
 def _why_unreadable(path: str, error: BaseException) -> str:
     """A short, user-level reason why torch.load failed on ``path`` (its own messages talk about
     weights_only or miniz internals whatever the cause)."""
@@ -63,8 +118,11 @@ def read_pth(path: str) -> Any:
     user trusts it; a truncated or corrupt file is named as such.
 
     Raises:
-        CheckpointLoadError: the file is truncated, corrupt, or needs full unpickling.
+        CheckpointLoadError: the file is missing (named as such, with the nearest existing
+            checkpoints), truncated, corrupt, or needs full unpickling.
     """
+    if not os.path.isfile(path):
+        raise CheckpointLoadError(missing_checkpoint_message(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -120,6 +178,12 @@ class GKDCheckpointer(DetectionCheckpointer):
     detectron2's ``DetectionCheckpointer._load_file``, which unpickles ``.pkl`` files with
     ``pickle.load``: only load those from sources you trust.
     """
+
+    def load(self, path: str, checkpointables: list[str] | None = None) -> dict:
+        # fvcore asserts "Checkpoint ... not found!" itself: name the nearest ones instead
+        if path and "://" not in path and comm.is_main_process() and not os.path.isfile(path):
+            raise CheckpointLoadError(missing_checkpoint_message(path))
+        return super().load(path, checkpointables=checkpointables)
 
     def _load_file(self, filename: str) -> dict:
         if filename.endswith((".pkl", ".pyth")):
@@ -177,7 +241,7 @@ class GKDCheckpointer(DetectionCheckpointer):
             try:
                 # (only the main process must have the file: detectron2 broadcasts it)
                 if comm.is_main_process() and not os.path.isfile(last):
-                    raise CheckpointLoadError(f"Checkpoint {last!r} (named by {tag!r}) not found")
+                    raise CheckpointLoadError(missing_checkpoint_message(last, tag))
                 return self.load(last)
             except CheckpointLoadError as e:
                 others = self._other_checkpoints(last)
@@ -186,11 +250,9 @@ class GKDCheckpointer(DetectionCheckpointer):
                     f"{', '.join(others) if others else 'none'}. To resume from one, write its "
                     f"file name into {tag!r}; to start over, delete {tag!r}."
                 ) from None
-        local = "://" not in path
         try:
-            if path and local and comm.is_main_process() and not os.path.isfile(path):
-                # (only the main process must have the file: detectron2 broadcasts it)
-                raise CheckpointLoadError(f"Checkpoint {path!r} not found")
+            # (only the main process must have the file: detectron2 broadcasts it; load()
+            # names a missing one)
             return self.load(path, checkpointables=[])
         except CheckpointLoadError as e:
             raise CheckpointLoadError(

@@ -21,7 +21,7 @@ from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointLoadError, GKDCheckpointer
+from .checkpoint import CheckpointLoadError, GKDCheckpointer, nearby_checkpoints
 from .config import ConfigError, add_gkd_config, check_supported, merge_config
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,11 @@ def _check_weights_path(weights: str, config_file: str = "") -> None:
         )
     if "://" not in weights and not os.path.isfile(weights):
         train = f"python train_net.py --config-file {config_file or 'TEACHER_CONFIG'}"
+        _, near = nearby_checkpoints(weights)
         raise TeacherLoadError(
             f"Teacher weights file {weights!r} (MODEL.TEACHER.WEIGHTS) not found: train the "
             f"teacher first ({train}) and set MODEL.TEACHER.WEIGHTS to its model_final.pth"
+            + (f"; nearest existing checkpoints: {', '.join(near)}" if near else "")
         )
 
 

@@ -378,7 +378,9 @@ def test_missing_model_weights_are_named(tmp_path):
     missing = str(tmp_path / "nope.pth")
     model = build_model(model_cfg(TINY_CONFIG))
     with pytest.raises(
-        CheckpointLoadError, match=rf"'{E(missing)}' not found\nIt is MODEL\.WEIGHTS"
+        CheckpointLoadError,
+        match=rf"'{E(missing)}' not found \(no such file\)\. No checkpoint file .*either\n"
+        r"It is MODEL\.WEIGHTS",
     ):
         GKDCheckpointer(model).resume_or_load(missing, resume=False)
 
@@ -563,3 +565,121 @@ def test_more_gpus_than_devices_is_refused(monkeypatch):
         ValueError, match=r"--num-gpus 4 but this machine has 1 CUDA device\(s\): pass --num-gpus 1"
     ):
         launch(print, 4)
+
+
+# 15. a missing checkpoint is reported as missing, with the nearest existing ones ---------------
+
+
+@pytest.fixture
+def checkpoint_tree(tmp_path):
+    """output/run_a/model_final.pth (newer) and output/run_b/model_0000001.pth (older)."""
+    out = tmp_path / "output"
+    for run, name in (("run_b", "model_0000001.pth"), ("run_a", "model_final.pth")):
+        (out / run).mkdir(parents=True)
+        torch.save({"model": {}}, out / run / name)
+    os.utime(out / "run_b" / "model_0000001.pth", (1e9, 1e9))
+    return out
+
+
+def assert_missing(message: str, path, listed=()) -> None:
+    assert f"Checkpoint '{path}' not found (no such file)" in message, message
+    assert "truncated" not in message and "Errno" not in message, message
+    for p in listed:
+        assert str(p) in message, (p, message)
+
+
+def test_a_missing_checkpoint_is_named_with_the_ones_beside_it(checkpoint_tree):
+    missing = checkpoint_tree / "run_a" / "model_0009999.pth"
+    with pytest.raises(CheckpointLoadError) as e:
+        read_pth(str(missing))
+    assert_missing(str(e.value), missing, [checkpoint_tree / "run_a" / "model_final.pth"])
+    assert f"under '{checkpoint_tree / 'run_a'}'" in str(e.value)
+
+
+def test_a_missing_folder_lists_the_checkpoints_under_the_nearest_existing_one(checkpoint_tree):
+    missing = checkpoint_tree / "run_c" / "sub" / "model_final.pth"
+    with pytest.raises(CheckpointLoadError) as e:
+        read_pth(str(missing))
+    newer, older = checkpoint_tree / "run_a" / "model_final.pth", checkpoint_tree / "run_b"
+    assert_missing(str(e.value), missing, [newer, older / "model_0000001.pth"])
+    assert str(e.value).index(str(newer)) < str(e.value).index(str(older))  # newest first
+    assert f"under '{checkpoint_tree}'" in str(e.value)
+
+
+def test_a_directory_or_an_empty_neighbourhood_is_said_so(checkpoint_tree, tmp_path):
+    with pytest.raises(CheckpointLoadError, match=r"run_a' is a directory, not a checkpoint"):
+        read_pth(str(checkpoint_tree / "run_a"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        CheckpointLoadError,
+        match=rf"not found \(no such file\)\. No checkpoint file \(\.pth, \.pkl\) under "
+        rf"'{E(tmp_path / 'empty')}' either",
+    ):
+        read_pth(str(tmp_path / "empty" / "model_final.pth"))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_missing_model_weights_and_checkpointer_loads_list_nearby(checkpoint_tree, suffix):
+    missing = checkpoint_tree / "run_a" / f"model_zoo{suffix}"
+    model = build_model(model_cfg(TINY_CONFIG))
+    near = [checkpoint_tree / "run_a" / "model_final.pth"]
+    with pytest.raises(CheckpointLoadError) as e:  # MODEL.WEIGHTS (train_net, Trainer)
+        GKDCheckpointer(model).resume_or_load(str(missing), resume=False)
+    assert_missing(str(e.value), missing, near)
+    assert "It is MODEL.WEIGHTS" in str(e.value)
+    with pytest.raises(CheckpointLoadError) as e:  # fvcore's own assert said "not found!"
+        GKDCheckpointer(model).load(str(missing))
+    assert_missing(str(e.value), missing, near)
+
+
+def test_missing_eval_only_weights_are_named(checkpoint_tree, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    missing = checkpoint_tree / "run_a" / "model_0000002.pth"
+    args = SimpleNamespace(
+        config_file=str(TINY_CONFIG),
+        eval_only=True,
+        resume=False,
+        opts=["OUTPUT_DIR", str(tmp_path / "eval"), "MODEL.WEIGHTS", str(missing)],
+    )
+    with pytest.raises(CheckpointLoadError) as e:
+        train_net.main(args)
+    assert_missing(str(e.value), missing, [checkpoint_tree / "run_a" / "model_final.pth"])
+
+
+def test_missing_teacher_weights_list_nearby_checkpoints(checkpoint_tree):
+    missing = checkpoint_tree / "teacher" / "model_final.pth"
+    cfg = model_cfg(DETECTORS["retinanet"][1], "MODEL.TEACHER.WEIGHTS", str(missing))
+    with pytest.raises(
+        TeacherLoadError,
+        match=rf"{E(missing)}' \(MODEL\.TEACHER\.WEIGHTS\) not found: train the teacher first .*"
+        rf"; nearest existing checkpoints: {E(checkpoint_tree / 'run_a' / 'model_final.pth')}, "
+        rf"{E(checkpoint_tree / 'run_b' / 'model_0000001.pth')}",
+    ):
+        build_teacher(cfg)
+
+
+def load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tools_report_a_missing_checkpoint_as_missing(checkpoint_tree, tmp_path, capsys):
+    missing = checkpoint_tree / "run_a" / "model_0000002.pth"
+    near = [checkpoint_tree / "run_a" / "model_final.pth"]
+    config = str(DETECTORS["retinanet"][1])
+    vis = load_tool("visualize_prototypes")
+    argv = ["--config-file", config, "--checkpoint", str(missing), "--output", str(tmp_path)]
+    assert vis.main(argv) == 2
+    assert_missing(capsys.readouterr().err, missing, near)
+    export = load_tool("export_student")
+    argv = ["--config-file", config, "--weights", str(missing), "--output", str(tmp_path / "x")]
+    assert export.main(argv) == 1
+    assert_missing(capsys.readouterr().err, missing, near)
