@@ -193,27 +193,27 @@ def rehearse(config: str, output: Path) -> dict:
     ]
     summary["overrides"] = overrides
     train_dir = output / "train"
-    py, train_net = sys.executable, str(REPO / "train_net.py")
+    train_net = str(REPO / "train_net.py")
 
-    start = time.perf_counter()
-    text = run(
-        [
-            py,
-            train_net,
-            "--config-file",
-            config,
-            *overrides,
-            "SOLVER.MAX_ITER",
-            str(FIRST_RUN_ITERS),
-            "OUTPUT_DIR",
-            str(train_dir),
-        ],
-        output / "train.log",
-        env,
+    def stage(name: str, *argv: str) -> str:
+        """Run one stage's script (``OUTPUT/<name>.log``), timed; its output."""
+        start = time.perf_counter()
+        log = output / f"{name.replace('-', '_')}.log"
+        text = run([sys.executable, *argv], log, env, name, config)
+        timings[name] = time.perf_counter() - start
+        return text
+
+    text = stage(
         "train",
+        train_net,
+        "--config-file",
         config,
+        *overrides,
+        "SOLVER.MAX_ITER",
+        str(FIRST_RUN_ITERS),
+        "OUTPUT_DIR",
+        str(train_dir),
     )
-    timings["train"] = time.perf_counter() - start
     refreshes = re.findall(
         r"PGM refresh at iteration (\d+): (\d+) instances in (\d+) images .*?, ([\d.]+)s", text
     )
@@ -257,26 +257,18 @@ def rehearse(config: str, output: Path) -> dict:
         )
     summary["train_results"] = copypaste_results(text)
 
-    start = time.perf_counter()
-    text = run(
-        [
-            py,
-            train_net,
-            "--config-file",
-            config,
-            "--resume",
-            *overrides,
-            "SOLVER.MAX_ITER",
-            str(RESUMED_ITERS),
-            "OUTPUT_DIR",
-            str(train_dir),
-        ],
-        output / "resume.log",
-        env,
+    text = stage(
         "resume",
+        train_net,
+        "--config-file",
         config,
+        "--resume",
+        *overrides,
+        "SOLVER.MAX_ITER",
+        str(RESUMED_ITERS),
+        "OUTPUT_DIR",
+        str(train_dir),
     )
-    timings["resume"] = time.perf_counter() - start
     started = re.search(r"Starting training from iteration (\d+)", text)
     if not started or int(started.group(1)) != FIRST_RUN_ITERS:
         raise fail(
@@ -300,60 +292,41 @@ def rehearse(config: str, output: Path) -> dict:
         )
 
     final = train_dir / "model_final.pth"
-    start = time.perf_counter()
-    text = run(
-        [
-            py,
-            train_net,
-            "--config-file",
-            config,
-            "--eval-only",
-            *overrides,
-            "MODEL.WEIGHTS",
-            str(final),
-            "OUTPUT_DIR",
-            str(output / "eval"),
-        ],
-        output / "eval.log",
-        env,
+    text = stage(
         "eval-only",
+        train_net,
+        "--config-file",
         config,
+        "--eval-only",
+        *overrides,
+        "MODEL.WEIGHTS",
+        str(final),
+        "OUTPUT_DIR",
+        str(output / "eval"),
     )
-    timings["eval-only"] = time.perf_counter() - start
     summary["eval_only"] = copypaste_results(text)
 
-    start = time.perf_counter()
     export_dir = output / "student"
-    run(
-        [
-            py,
-            str(REPO / "tools" / "export_student.py"),
-            "--config-file",
-            config,
-            "--weights",
-            str(final),
-            "--output",
-            str(export_dir),
-            *overrides[4:],
-            "OUTPUT_DIR",
-            str(output / "plain"),
-        ],
-        output / "export.log",
-        env,
+    stage(
         "export",
+        str(REPO / "tools" / "export_student.py"),
+        "--config-file",
         config,
+        "--weights",
+        str(final),
+        "--output",
+        str(export_dir),
+        *overrides[4:],
+        "OUTPUT_DIR",
+        str(output / "plain"),
     )
-    timings["export"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    text = run(
-        [py, str(REPO / "tools" / "rehearse.py"), "--plain-eval", str(export_dir / "config.yaml")],
-        output / "plain_eval.log",
-        env,
+    text = stage(
         "plain-eval",
-        config,
+        str(REPO / "tools" / "rehearse.py"),
+        "--plain-eval",
+        str(export_dir / "config.yaml"),
     )
-    timings["plain-eval"] = time.perf_counter() - start
     summary["plain_eval"] = copypaste_results(text)
     if not summary["eval_only"] or summary["plain_eval"] != summary["eval_only"]:
         raise fail(
