@@ -59,6 +59,10 @@ def add_gkd_config(cfg: CN) -> CN:
     g.ADAPTER_KERNEL = 3
     g.ROBUST_WEIGHTS = True  # False: binary fg mask and unweighted soft labels (local-only KD)
     g.CLAMP_R = True  # clamp r to [0, 1] (official: unclamped, practically never matters)
+    # diagnostic control, not a method: r's values permuted at random among the instances of
+    # each batch before they weight the fg mask and the soft labels (the same distribution of
+    # weights, no per-instance information); needs ROBUST_WEIGHTS True and GLOBAL_WEIGHT 0
+    g.SHUFFLE_R = False
     g.TEMPERATURE = 2.0
     # soft-label KD form: "softmax" (official: one distribution over the K' logits of an
     # instance), "sigmoid" (K binary distributions: per-class sigmoid probabilities, binary KL

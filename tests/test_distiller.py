@@ -208,3 +208,74 @@ def test_losses_are_fp32_under_autocast_and_half_inputs():
     for k, v in losses.items():
         assert v.dtype == torch.float32, k
         torch.testing.assert_close(v, reference[k])
+
+
+def test_shuffled_r_control_permutes_the_weights_and_resumes(monkeypatch):
+    """SHUFFLE_R: the fg mask and the soft labels get r's own values in a seeded random order
+    (same distribution, no per-instance information); r's statistics are r's; the draw
+    advances with a counter in the state dict, so a resumed distiller draws the same."""
+    import gkd_d2.modeling.distiller as distiller_module
+
+    seen = []
+    mask = distiller_module.foreground_mask
+
+    def spy(boxes, batch_idx, weights, *args):
+        seen.append(weights.clone())
+        return mask(boxes, batch_idx, weights, *args)
+
+    monkeypatch.setattr(distiller_module, "foreground_mask", spy)
+    torch.manual_seed(0)
+    feats, boxes, bidx, classes, levels = batch()
+    # 7 instances, all on level 0, so the mask sees every weight in instance order
+    boxes = torch.cat([boxes, boxes + 2.0, boxes[:1] + 4.0])
+    bidx, classes = torch.cat([bidx, bidx, bidx[:1]]), torch.cat([classes, classes, classes[:1]])
+    levels = torch.zeros(7, dtype=torch.long)
+    teacher = [f + 0.3 * torch.randn_like(f) for f in feats]
+    plain = make_distiller(global_weight=0.0)
+    shuffled = make_distiller(global_weight=0.0, shuffle_r=True, shuffle_seed=5)
+    for d in (plain, shuffled):
+        for c in range(3):
+            d.set_bank(0, c, torch.randn(2, 4), torch.randn(2, 4))
+    # the same adapters and bank
+    shuffled.load_state_dict({**plain.state_dict(), "shuffle_calls": torch.tensor(0)})
+    zs, zt = torch.randn(7, 3), torch.randn(7, 3)
+    _, stats = plain(feats, teacher, boxes, bidx, classes, levels, zs, zt)
+    r = seen[0]  # level 0's mask weights = r (unshuffled)
+    assert len(set(r.tolist())) > 3  # distinct values, so a permutation shows
+    losses_a, stats_a = shuffled(feats, teacher, boxes, bidx, classes, levels, zs, zt)
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(5 + 0))
+    assert torch.equal(seen[2], r[perm]) and not torch.equal(seen[2], r)
+    assert stats_a == stats  # the statistics describe r itself
+    # soft labels weighted by the same permuted r
+    want = soft_label_kl(zs, zt, r[perm], shuffled.temperature, shuffled.soft_label)
+    assert torch.allclose(losses_a["loss_gkd_soft"], want)
+    # the next call draws the next permutation; a copy from the state dict draws it too
+    resumed = make_distiller(global_weight=0.0, shuffle_r=True, shuffle_seed=5)
+    resumed.load_state_dict(shuffled.state_dict())
+    assert int(resumed.shuffle_calls) == 1
+    b1, _ = shuffled(feats, teacher, boxes, bidx, classes, levels, zs, zt)
+    b2, _ = resumed(feats, teacher, boxes, bidx, classes, levels, zs, zt)
+    assert all(torch.equal(b1[k], b2[k]) for k in b1)
+    perm1 = torch.randperm(7, generator=torch.Generator().manual_seed(5 + 1))
+    assert torch.equal(seen[4], r[perm1])
+
+
+def test_shuffled_r_needs_robust_weights_without_global_loss():
+    import pytest
+
+    for kw in ({"robust": False, "global_weight": 0.0}, {"global_weight": 5.0}):
+        with pytest.raises(ValueError, match="SHUFFLE_R is the control of GKD's r weights"):
+            make_distiller(shuffle_r=True, **kw)
+    # the state dict of the default distiller is unchanged (no counter)
+    assert "shuffle_calls" not in make_distiller().state_dict()
+
+
+def test_shuffled_r_from_the_config():
+    from detectron2.config import get_cfg
+
+    from gkd_d2 import add_gkd_config
+
+    cfg = add_gkd_config(get_cfg())
+    cfg.merge_from_list(["MODEL.GKD.SHUFFLE_R", "True", "MODEL.GKD.SAMPLE_SEED", "7"])
+    d = GKDDistiller.from_config(cfg, [8, 16], 4, 4, 3, "sum", "softmax")
+    assert d.shuffle_r and d.shuffle_seed == 7 and int(d.shuffle_calls) == 0

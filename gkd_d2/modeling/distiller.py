@@ -56,6 +56,8 @@ class GKDDistiller(nn.Module):
         level_reduction: str = "sum",
         extra_terms: nn.ModuleList | None = None,
         extra_weights: list[float] | None = None,
+        shuffle_r: bool = False,
+        shuffle_seed: int = 0,
     ):
         super().__init__()
         if level_reduction not in ("sum", "mean"):
@@ -93,6 +95,17 @@ class GKDDistiller(nn.Module):
         # terms of other methods combined with GKD (MODEL.GKD.EXTRA_LOSSES)
         self.extra_terms = extra_terms if extra_terms is not None else nn.ModuleList()
         self.extra_weights = list(extra_weights or [1.0] * len(self.extra_terms))
+        # the shuffled-r control (MODEL.GKD.SHUFFLE_R): r's values permuted among a batch's
+        # instances before they weight anything; the permutation's seed advances with a
+        # counter kept in the state dict, so that a resumed run draws what it would have
+        self.shuffle_r, self.shuffle_seed = shuffle_r, shuffle_seed
+        if shuffle_r:
+            if not robust or global_weight > 0:
+                raise ValueError(
+                    "MODEL.GKD.SHUFFLE_R is the control of GKD's r weights: it needs "
+                    f"ROBUST_WEIGHTS True and GLOBAL_WEIGHT 0 (got {robust}, {global_weight})"
+                )
+            self.register_buffer("shuffle_calls", torch.tensor(0, dtype=torch.long))
         if len(self.extra_weights) != len(self.extra_terms):
             raise ValueError(
                 f"GKD distiller: {len(self.extra_terms)} extra terms, "
@@ -138,6 +151,8 @@ class GKDDistiller(nn.Module):
             level_reduction=level_reduction,
             extra_terms=extra_terms,
             extra_weights=extra_weights,
+            shuffle_r=g.SHUFFLE_R,
+            shuffle_seed=g.SAMPLE_SEED,
         )
 
     # ---- the bank ------------------------------------------------------------------------------
@@ -302,6 +317,9 @@ class GKDDistiller(nn.Module):
                         global_representation(s, ps), rep_t, r_lvl
                     )
         weights = r if self.robust else torch.ones_like(r)
+        perm = self._shuffle_permutation(N, r.device) if self.shuffle_r else None
+        if perm is not None:
+            weights = weights[perm]
 
         losses: dict[str, Tensor] = {}
         if self.fg_weight != 0 or self.bg_weight != 0:
@@ -331,7 +349,7 @@ class GKDDistiller(nn.Module):
             soft_w = weights
             if soft_descriptors is not None and self.robust:
                 soft_r = self.robustness_at(*soft_descriptors[:2], classes, soft_descriptors[2])
-                soft_w = soft_r
+                soft_w = soft_r if perm is None else soft_r[perm]
             losses["loss_gkd_soft"] = self.soft_weight * soft_label_kl(
                 student_logits, teacher_logits, soft_w, self.temperature, self.soft_label
             )
@@ -361,6 +379,13 @@ class GKDDistiller(nn.Module):
         if soft_r is not None:
             stats.update(_r_stats("gkd/r_soft", soft_r))
         return losses, stats
+
+    def _shuffle_permutation(self, n: int, device: torch.device) -> Tensor:
+        """(n,) a random permutation of a batch's instances, the same on every rank for a given
+        call (its own generator: torch's global RNG, which samples RoIs, is not touched)."""
+        g = torch.Generator().manual_seed(self.shuffle_seed + int(self.shuffle_calls))
+        self.shuffle_calls += 1
+        return torch.randperm(n, generator=g).to(device)
 
 
 def _r_stats(prefix: str, r: Tensor) -> dict[str, float]:
