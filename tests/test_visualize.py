@@ -219,8 +219,24 @@ def test_tool_writes_pictures_and_json(trained, tmp_path, capsys):
         groups += summary[flag].values()
         assert sum(g["instances"] for g in summary[flag].values()) == summary["instances"]
     assert sum(g["instances"] for g in summary["per_class"].values()) == summary["instances"]
+    groups += summary["size"].values()
+    assert sum(g["instances"] for g in summary["size"].values()) == summary["instances"]
     for g in groups:
         assert g["mean_r"] is None or 0.0 <= g["mean_r"] <= 1.0
+        if g["instances"]:
+            qs = [g[k] for k in ("p10", "p25", "p50", "p75", "p90")]
+            assert qs == sorted(qs) and 0.0 <= g["below_0.5"] <= 1.0
+    assert summary["split"] == "gkd_scenes_tiny_train"
+    assert Image.open(out / "robustness_groups.png").size[0] > 0
+    assert "size: " in printed
+
+    # the same on the test split's boxes
+    test_out = tmp_path / "vis_test"
+    argv_test = [*argv[:4], "--output", str(test_out), "--max-images", "4", "--split", "test"]
+    assert vis.main([*argv_test, "MODEL.TEACHER.WEIGHTS", trained.weights]) == 0
+    on_test = json.loads((test_out / "robustness.json").read_text())
+    assert on_test["split"] == trained.cfg.DATASETS.TEST[0] and on_test["images"] == 4
+    assert on_test["instances"] > 0
     assert set(summary["per_class"]) == set(
         MetadataCatalog.get("gkd_scenes_tiny_train").thing_classes
     )
@@ -260,3 +276,26 @@ def test_old_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     assert vis.main(argv) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "'trainer'" in err
+
+
+def test_r_statistics_of_a_group_by_hand():
+    r = torch.tensor([0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
+    s = vis._mean_of(r)
+    assert s["instances"] == 6 and abs(s["mean_r"] - 3.1 / 6) < 1e-6
+    assert abs(s["p50"] - 0.5) < 1e-6  # halfway between 0.4 and 0.6 (linear interpolation)
+    assert abs(s["p10"] - 0.15) < 1e-6 and abs(s["p90"] - 0.9) < 1e-6
+    assert s["below_0.5"] == 0.5
+    assert vis._mean_of(torch.zeros(0)) == {"instances": 0, "mean_r": None, "below_0.5": None}
+    result = {
+        "area": torch.tensor([10.0, 32.0**2, 5000.0, 96.0**2, 1e6]),
+        "occluded": torch.tensor([1, 0, 0, 1, 0], dtype=torch.int8),
+        "blurred": torch.full((5,), -1, dtype=torch.int8),  # not recorded: no group
+    }
+    groups = vis.groups_of(result)
+    assert set(groups) == {"size", "occluded"}
+    assert [m.tolist() for m in groups["size"].values()] == [
+        [True, False, False, False, False],
+        [False, True, True, False, False],
+        [False, False, False, True, True],
+    ]
+    assert groups["occluded"]["true"].tolist() == [True, False, False, True, False]

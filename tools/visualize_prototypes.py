@@ -22,9 +22,17 @@ the prototype bank, hook state with the PGM instance sample). Writes to DIR:
   distiller's own (``GKDDistiller.robustness_at``): box-crop means of the student's and the
   teacher's FPN maps at the box's level (the official box-size rule, ``assign_levels``),
   against the checkpoint's prototypes; a class without prototypes has r = 1, as in training.
-* ``robustness.json``: the mean r overall, per class, per level and, when the annotations
-  carry ``occluded`` / ``blurred`` flags (the embedded scenes do), for flagged vs unflagged
-  boxes; the histogram's counts. The per-class means are printed too.
+* ``robustness.json``: r's count, mean, quantiles (p10, p25, median, p75, p90) and share
+  below 0.5, overall, per class, per level, per COCO size class (``size``: small < 32^2 <=
+  medium < 96^2 <= large, box area in original pixels) and, when the annotations carry
+  ``occluded`` / ``blurred`` flags (the embedded scenes do), for flagged vs unflagged boxes;
+  the histogram's counts. The per-class means and the groups are printed too.
+* ``robustness_groups.png``: per group (size, occluded, blurred) the normalised histogram of
+  r of each member. The paper's mechanism predicts lower r on small, occluded and blurred
+  instances.
+
+``--split test`` computes r on the ground-truth boxes of ``DATASETS.TEST[0]`` instead of the
+training images (the prototypes are always the checkpoint's).
 
 Works for GKDRetinaNet and GKDRCNN students; needs the teacher's weights
 (``MODEL.TEACHER.WEIGHTS``) for r, not for the prototypes.
@@ -40,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from PIL import Image, ImageDraw, ImageFont
@@ -281,8 +289,9 @@ def robustness_of_boxes(
     box-size rule over the distilled levels), and r is ``model.distiller.robustness_at``.
 
     Returns:
-        ``r`` (N,) float, ``cls`` (N,) int64, ``level`` (N,) int64 and ``occluded`` /
-        ``blurred`` (N,) int8 (1 flagged, 0 not, -1 no flag); ``images``: images used.
+        ``r`` (N,) float, ``cls`` (N,) int64, ``level`` (N,) int64, ``area`` (N,) float (box
+        area in original pixels) and ``occluded`` / ``blurred`` (N,) int8 (1 flagged, 0 not,
+        -1 no flag); ``images``: images used.
     """
     from gkd_d2.distill import assign_levels, box_crop_mean
 
@@ -290,7 +299,7 @@ def robustness_of_boxes(
     distiller = model.distiller
     level_names, strides = list(model.distill_in_features), distiller.strides
     mapper = DatasetMapper(cfg, is_train=False)
-    out: dict[str, list] = {k: [] for k in ("r", "cls", "level", "occluded", "blurred")}
+    out: dict[str, list] = {k: [] for k in ("r", "cls", "level", "area", "occluded", "blurred")}
     used = dataset_dicts[:max_images]
     for d in used:
         inputs = [mapper(dict(d))]
@@ -315,19 +324,49 @@ def robustness_of_boxes(
         out["r"].append(distiller.robustness_at(desc_s, desc_t, classes, levels).float().cpu())
         out["cls"].append(classes.cpu())
         out["level"].append(levels.cpu())
+        # COCO's size classes use the annotation's area in original pixels (its box's area here)
+        orig = gt_boxes_of(d, d["height"], d["width"])[0]
+        out["area"].append((orig[:, 2] - orig[:, 0]) * (orig[:, 3] - orig[:, 1]))
         for flag in ("occluded", "blurred"):
             values = [int(bool(a[flag])) if flag in a else -1 for a in anns]
             out[flag].append(torch.tensor(values, dtype=torch.int8))
     result = {
-        k: torch.cat(v) if v else torch.zeros(0, dtype=torch.float32 if k == "r" else torch.long)
+        k: torch.cat(v)
+        if v
+        else torch.zeros(0, dtype=torch.float32 if k in ("r", "area") else torch.long)
         for k, v in out.items()
     }
     result["images"] = len(used)
     return result
 
 
+# COCO's size classes (area in original pixels): small < 32^2 <= medium < 96^2 <= large
+SIZE_CLASSES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e18)}
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
 def _mean_of(r: Tensor) -> dict:
-    return {"instances": len(r), "mean_r": float(r.mean()) if len(r) else None}
+    """Count, mean, quantiles (p10 ... p90) and share below 0.5 of a group's r (None if empty)."""
+    if not len(r):
+        return {"instances": 0, "mean_r": None, "below_0.5": None}
+    q = torch.quantile(r.double(), torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return {
+        "instances": len(r),
+        "mean_r": float(r.mean()),
+        **{f"p{round(100 * p)}": v for p, v in zip(QUANTILES, q)},
+        "below_0.5": float((r < 0.5).double().mean()),
+    }
+
+
+def groups_of(result: dict) -> dict[str, dict[str, Tensor]]:
+    """The (N,) masks of the diagnostic groups: sizes, and each flag the dataset records."""
+    area = result["area"]
+    out = {"size": {k: (area >= lo) & (area < hi) for k, (lo, hi) in SIZE_CLASSES.items()}}
+    for flag in ("occluded", "blurred"):
+        flags = result[flag]
+        if bool((flags >= 0).any()):  # only datasets that record the flag
+            out[flag] = {"true": flags == 1, "false": flags == 0}
+    return out
 
 
 def summarize(result: dict, names: list[str], level_names: list[str]) -> dict:
@@ -344,10 +383,8 @@ def summarize(result: dict, names: list[str], level_names: list[str]) -> dict:
         "per_level": {n: _mean_of(r[result["level"] == i]) for i, n in enumerate(level_names)},
         "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
     }
-    for flag in ("occluded", "blurred"):
-        flags = result[flag]
-        if bool((flags >= 0).any()):  # only datasets that record the flag
-            summary[flag] = {"true": _mean_of(r[flags == 1]), "false": _mean_of(r[flags == 0])}
+    for group, masks in groups_of(result).items():
+        summary[group] = {k: _mean_of(r[m]) for k, m in masks.items()}
     return summary
 
 
@@ -376,6 +413,38 @@ def draw_histogram(r: Tensor, summary: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=HIST_DPI)
 
 
+def draw_group_histograms(result: dict, summary: dict, path: Path, title: str) -> None:
+    """robustness_groups.png: one panel per group (size, and the flags the dataset records),
+    the normalised histogram of r of each member, with its mean and share below 0.5."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = groups_of(result)
+    fig = Figure(figsize=(4.0 * len(groups), 3.6), dpi=HIST_DPI)
+    FigureCanvasAgg(fig)
+    edges = summary["histogram"]["edges"]
+    for i, (group, masks) in enumerate(groups.items()):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for k, m in masks.items():
+            s = summary[group][k]
+            if s["instances"]:
+                label = f"{k}: {s['instances']}, mean {s['mean_r']:.2f}, <0.5 {s['below_0.5']:.0%}"
+                ax.hist(
+                    result["r"][m].numpy(),
+                    bins=edges,
+                    density=True,
+                    histtype="step",
+                    linewidth=1.5,
+                    label=label,
+                )
+        ax.set_title(group)
+        ax.set_xlabel("r")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=HIST_DPI)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -383,7 +452,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-file", required=True, help="the GKD config of the checkpoint")
     parser.add_argument("--checkpoint", required=True, help="a GKD training checkpoint (.pth)")
     parser.add_argument("--output", required=True, help="folder for the pictures and json")
-    parser.add_argument("--max-images", type=int, default=200, help="training images for r")
+    parser.add_argument("--max-images", type=int, default=200, help="images for r")
+    parser.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default="train",
+        help="whose ground-truth boxes r is computed on: DATASETS.TRAIN or DATASETS.TEST[0]",
+    )
     parser.add_argument("--cell-size", type=int, default=96, help="crop side in pixels")
     parser.add_argument(
         "--context", type=float, default=0.5, help="crop margin per side / the box's longer side"
@@ -463,27 +538,40 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'prototypes.png'} ({grid.width} x {grid.height})")
 
     teacher = build_teacher(cfg)
-    result = robustness_of_boxes(model, teacher, cfg, dataset_dicts, args.max_images)
+    if args.split == "test":
+        if not cfg.DATASETS.TEST:
+            raise CheckpointError(f"--split test: {args.config_file} has no DATASETS.TEST")
+        boxes_from = DatasetCatalog.get(cfg.DATASETS.TEST[0])
+        split = cfg.DATASETS.TEST[0]
+    else:
+        boxes_from, split = dataset_dicts, ",".join(cfg.DATASETS.TRAIN)
+    result = robustness_of_boxes(model, teacher, cfg, boxes_from, args.max_images)
     summary = {
         "checkpoint": str(args.checkpoint),
         "bank_iter": bank["bank_iter"],
+        "split": split,
         **summarize(result, names, level_names),
     }
     (out / "robustness.json").write_text(json.dumps(summary, indent=1) + "\n")
-    draw_histogram(result["r"], summary, out / "robustness.png", Path(args.checkpoint).name)
+    name = f"{Path(args.checkpoint).name}, {split}"
+    draw_histogram(result["r"], summary, out / "robustness.png", name)
+    draw_group_histograms(result, summary, out / "robustness_groups.png", name)
     print(f"r of {summary['instances']} ground-truth boxes in {summary['images']} images:")
     for name, s in summary["per_class"].items():
         mean = "-" if s["mean_r"] is None else f"{s['mean_r']:.3f}"
         print(f"  {name:<20} {s['instances']:6d} boxes  mean r {mean}")
-    for flag in ("occluded", "blurred"):
-        if flag in summary:
+    for group in ("size", "occluded", "blurred"):
+        if group in summary:
             parts = [
-                f"{k} {v['mean_r']:.3f} ({v['instances']} boxes)"
-                for k, v in summary[flag].items()
+                f"{k} {v['mean_r']:.3f}, <0.5 {v['below_0.5']:.0%} ({v['instances']} boxes)"
+                for k, v in summary[group].items()
                 if v["mean_r"] is not None
             ]
-            print(f"  {flag}: " + ", ".join(parts))
-    print(f"wrote {out / 'robustness.png'} and {out / 'robustness.json'}")
+            print(f"  {group}: " + "; ".join(parts))
+    print(
+        f"wrote {out / 'robustness.png'}, {out / 'robustness_groups.png'} and "
+        f"{out / 'robustness.json'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
