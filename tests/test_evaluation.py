@@ -72,3 +72,40 @@ def test_mean_std():
     assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
     assert mean_std([2.0, float("nan")]) == (2.0, 0.0)
     assert all(math.isnan(v) for v in mean_std([]))
+
+
+def test_student_t_against_tabulated_values():
+    from gkd_d2.evaluation import student_t_cdf, student_t_quantile
+
+    # t_{0.975, df} from the standard tables
+    for df, q in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
+        assert abs(student_t_quantile(0.975, df) - q) < 1e-4, df
+    assert abs(student_t_cdf(0.0, 5) - 0.5) < 1e-12
+    assert abs(student_t_cdf(-2.0150, 5) - 0.05) < 1e-4  # t_{0.95, 5} = 2.0150
+    assert abs(student_t_cdf(1.0, 1) - 0.75) < 1e-9  # Cauchy: 1/2 + atan(1)/pi
+
+
+def test_paired_difference_by_hand():
+    import math
+
+    from gkd_d2.evaluation import paired_difference
+
+    # the accuracy benchmark's local-only minus GKD differences of 3 seeds (docs/benchmarks.md)
+    a, b = [20.38, 20.45, 21.41], [20.30, 20.10, 20.40]
+    out = paired_difference(a, b)
+    d = [0.08, 0.35, 1.01]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    assert out["n"] == 3 and abs(out["mean"] - mean) < 1e-12
+    assert abs(out["t"] - mean / (sd / math.sqrt(3))) < 1e-9
+    half = 4.302653 * sd / math.sqrt(3)
+    assert abs(out["lo"] - (mean - half)) < 1e-5 and abs(out["hi"] - (mean + half)) < 1e-5
+    assert abs(out["p"] - 0.2244) < 1e-3  # two-sided, df 2
+    one = paired_difference([1.0], [0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["lo"]) and math.isnan(one["p"])
+    same = paired_difference([1.0, 2.0], [0.5, 1.5])
+    assert same["lo"] == same["hi"] == 0.5 and same["p"] == 0.0
+    import pytest
+
+    with pytest.raises(ValueError, match="do not pair"):
+        paired_difference([1.0, 2.0], [1.0])
