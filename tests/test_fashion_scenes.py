@@ -155,3 +155,25 @@ def test_registered_tiny_split_loads_as_detectron2_dicts(tmp_path, monkeypatch):
     assert {"gkd_fashion_train", "gkd_fashion_val", "gkd_fashion_tiny_train"} <= set(
         DatasetCatalog.list()
     )
+
+
+def test_a_shorter_split_is_the_first_images_of_the_longer(tmp_path):
+    """gkd_fashion_train_<n> (the benchmark's distillation epochs) relies on a scene's RNG
+    being its split, seed and index: n images are the first n of the 3000."""
+    from PIL import Image
+
+    from gkd_d2.data.builtin import FASHION_SPLITS
+
+    short = generate_fashion_split(tmp_path, "train", FashionSceneSpec(4, 128, max_side=64), 0)
+    long = generate_fashion_split(tmp_path, "train", FashionSceneSpec(7, 128, max_side=64), 0)
+    a, b = (json.loads((d / "annotations.json").read_text()) for d in (short, long))
+    assert len(a["images"]) == 4 and len(b["images"]) == 7
+    assert a["annotations"] == [x for x in b["annotations"] if x["image_id"] in {1, 2, 3, 4}]
+    for img in a["images"]:
+        pixels = [np.asarray(Image.open(d / "images" / img["file_name"])) for d in (short, long)]
+        assert np.array_equal(*pixels)
+    full = FASHION_SPLITS["gkd_fashion_train"]
+    for n in (160, 320):
+        split, spec, seed = FASHION_SPLITS[f"gkd_fashion_train_{n}"]
+        assert (split, seed) == (full[0], full[2]) and spec.num_images == n
+        assert spec == FashionSceneSpec(**{**vars(full[1]), "num_images": n})
