@@ -85,18 +85,31 @@ def _benchmark_inputs_missing() -> str:
     return ""
 
 
-# slow and unsettled: at 120 iterations on the 16-image tiny split it scored AP 0.21 (too
-# short to tell a weak model from a collapsed one); needs a longer schedule, to be set
+def _gn_head_missing(config: str) -> bool:
+    from gkd_d2.config import retinanet_head_takes_gn
+
+    return "retinanet" in config and not retinanet_head_takes_gn()
+
+
+# slow: a 120-iteration run on the 16-image tiny split at 128 px. The RetinaNet teacher without a
+# head norm scored AP 0.21 here, and 10.5 after 1200 iterations at full size (2026-12-03):
+# too slow to learn for the benchmark; it has a GN head now.
 @pytest.mark.slow
 @pytest.mark.skipif(
     bool(_benchmark_inputs_missing()),
     reason="benchmark data absent: run tools/install_benchmark_data.sh",
 )
-def test_benchmark_recipe_holds_at_inference(tmp_path):
-    """The accuracy benchmark's teacher recipe (ImageNet MobileNetV2, FrozenBN backbone, GN in
-    the FPN, no norm in the head), on the tiny Fashion-MNIST split at 128 px."""
+@pytest.mark.parametrize(
+    "config", ["fashion_teacher_retinanet.yaml", "fashion_teacher_faster_rcnn.yaml"]
+)
+def test_benchmark_recipe_holds_at_inference(tmp_path, config):
+    """The accuracy benchmark's teacher recipes (ImageNet MobileNetV2, FrozenBN backbone, GN in
+    the FPN and the head), on the tiny Fashion-MNIST split at 128 px."""
+    if _gn_head_missing(config):
+        pytest.skip("detectron2 0.6 cannot build a GN RetinaNet head (the recipe needs main)")
+    score_key = "RETINANET" if "retinanet" in config else "ROI_HEADS"
     ap, ratios, top = train_and_score(
-        REPO / "configs" / "bench" / "fashion_teacher_retinanet.yaml",
+        REPO / "configs" / "bench" / config,
         tmp_path,
         120,
         "DATASETS.TRAIN",
@@ -109,7 +122,7 @@ def test_benchmark_recipe_holds_at_inference(tmp_path):
         "128",
         "INPUT.MAX_SIZE_TEST",
         "128",
-        "MODEL.RETINANET.SCORE_THRESH_TEST",
+        f"MODEL.{score_key}.SCORE_THRESH_TEST",
         "0.0",
     )
     assert ap > 5.0, ap
