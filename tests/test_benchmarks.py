@@ -31,3 +31,109 @@ def test_step_benchmark_runs_both_detectors(tmp_path):
         assert bench.main([*args, "--json", str(out)]) == 0
         figures = json.loads(out.read_text())
         assert figures["gkd_step_s"] > 0 and 0 < figures["distiller_forward_share"] < 1
+
+
+def test_accuracy_benchmark_pairs_arms_by_seed():
+    bench = load("bench_accuracy")
+    assert bench.ARMS["GKD, r shuffled (control)"] == ["MODEL.GKD.SHUFFLE_R", "True"]
+    metrics = ("AP", "APs", "AP_occluded", "AP_blurred")
+    aps = {"student alone": [17.0, 18.0, 17.5], "local-only KD": [20.0, 21.0, 20.5]}
+    aps["GKD"] = [20.5, 20.9, 21.3]  # GKD - local-only: +0.5, -0.1, +0.8
+    results = {
+        f"{arm} | seed {s}": {m: v + (1.0 if m == "APs" else 0.0) for m in metrics}
+        for arm, values in aps.items()
+        for s, v in enumerate(values)
+    }
+    paired = bench.paired_table(results, 3)
+    # only arms with runs; a baseline is not compared with itself
+    assert set(paired) == {"local-only KD", "GKD"}
+    assert set(paired["local-only KD"]) == {"student alone"}
+    gkd = paired["GKD"]["local-only KD"]["AP"]
+    assert gkd["n"] == 3 and abs(gkd["mean"] - 0.4) < 1e-9
+    assert gkd["lo"] < 0 < gkd["hi"]  # within noise: the interval spans 0
+    assert abs(paired["GKD"]["student alone"]["APs"]["mean"] - 10.2 / 3) < 1e-9
+    text = bench.format_paired(paired)
+    assert "| GKD - local-only KD | +0.40 [" in text and "n 3)" in text
+
+
+def test_accuracy_benchmark_protocols_give_the_documented_schedules():
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    import gkd_d2  # noqa: F401
+
+    bench = load("bench_accuracy")
+    s = bench.FULL
+    assert (s.epoch_iters, s.p_iters, s.seeds) == (40, 160, 5)  # 320 images, batch 8, 4 epochs
+    for detector, lr in (("retinanet", 0.001), ("faster_rcnn", 0.002)):
+        _, student_cfg, plain = bench.DETECTORS[detector]
+        assert bench.base_lr(student_cfg) == 10 * lr
+        p = bench.arm_run(detector, "P", "GKD", 3, s, "T.pth", "S.pth")
+        opt = dict(zip(p[::2], p[1::2]))
+        assert opt["MODEL.WEIGHTS"] == "S.pth" and opt["MODEL.TEACHER.WEIGHTS"] == "T.pth"
+        assert opt["DATASETS.TRAIN"] == "('gkd_fashion_train_320',)" and opt["SEED"] == "3"
+        assert opt["SOLVER.MAX_ITER"] == "160" and opt["SOLVER.STEPS"] == "(120,)"
+        assert float(opt["SOLVER.BASE_LR"]) == lr and opt["SOLVER.WARMUP_ITERS"] == "0"
+        assert opt["SOLVER.CHECKPOINT_PERIOD"] == "40"  # a checkpoint per epoch
+        a = bench.arm_run(detector, "A", "student alone", 3, s, "T.pth", "S.pth")
+        opt = dict(zip(a[::2], a[1::2]))
+        assert "MODEL.WEIGHTS" not in opt and "DATASETS.TRAIN" not in opt
+        assert opt["SOLVER.MAX_ITER"] == "160" and opt["MODEL.META_ARCHITECTURE"] == plain
+        gkd_arch = {"retinanet": "GKDRetinaNet", "faster_rcnn": "GKDRCNN"}[detector]
+        assert META_ARCH_REGISTRY.get(gkd_arch).plain_architecture == plain
+    assert bench.arm_run("retinanet", "P", "GKD, r shuffled (control)", 0, s, "T", "S")[-2:] == [
+        "MODEL.GKD.SHUFFLE_R",
+        "True",
+    ]
+    from gkd_d2.data.builtin import FASHION_SPLITS
+
+    for sched in (bench.FULL, bench.QUICK):  # protocol P's split must be registered
+        assert f"gkd_fashion_train_{sched.p_images}" in FASHION_SPLITS
+    assert bench.PROTOCOL_ARMS["P"] == list(bench.ARMS)
+    assert set(bench.PROTOCOL_ARMS["A"]) == {"student alone", "local-only KD", "GKD"}
+    names = [p.name for _, p in bench.epoch_checkpoints(bench.Path("run"), s, "P")]
+    assert names == [
+        "model_0000039.pth",
+        "model_0000079.pth",
+        "model_0000119.pth",
+        "model_final.pth",
+    ]
+
+
+def test_accuracy_benchmark_cache_key_follows_the_config_chain(tmp_path):
+    bench = load("bench_accuracy")
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.01\n")
+    (tmp_path / "child.yaml").write_text('_BASE_: "base.yaml"\nSEED: 1\n')
+    child = str(tmp_path / "child.yaml")
+    assert [p.name for p in bench.config_chain(child)] == ["child.yaml", "base.yaml"]
+    before = bench.config_digest(child)
+    assert bench.config_digest(child) == before != bench.config_digest(child, "X", "1")
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.02\n")  # a changed recipe
+    assert bench.config_digest(child) != before
+
+
+def test_accuracy_benchmark_convergence_check_and_r_table():
+    bench = load("bench_accuracy")
+    metrics = ("AP", "APs", "AP_occluded", "AP_blurred")
+    results = {
+        f"student alone | seed {s}": dict.fromkeys(metrics, 30.0 + d)
+        for s, d in enumerate((0.1, -0.1, 0.3))
+    }
+    check = bench.convergence_check(results, dict.fromkeys(metrics, 30.0), 3)
+    assert abs(check["AP"]["mean"] - 0.1) < 1e-9 and check["AP"]["lo"] < 0 < check["AP"]["hi"]
+    text = bench.format_paired({}, check)
+    assert "| student alone (continued) - its start | +0.10 [" in text
+    group = {"instances": 5, "mean_r": 0.5, "below_0.5": 0.4}
+    runs = [
+        {
+            "epoch": 0,
+            "bank_iter": 0,
+            "instances": 9,
+            "mean_r": 0.81,
+            "below_0.5": 0.1,
+            "size": {"small": group},
+            "occluded": {"true": {**group, "mean_r": 0.25}},
+        },
+    ]
+    table = bench.format_r(runs)
+    assert table.splitlines()[2].startswith("| 0 (0) | 0.810 (10%, n 9) | 0.500 (40%, n 5) | - |")
+    assert "0.250 (40%, n 5)" in table
