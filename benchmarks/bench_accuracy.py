@@ -112,11 +112,11 @@ class Schedule:
         return self.epochs * self.epoch_iters
 
 
-# Sized for the 3-hour budget on 2 cores (both detectors, both protocols, 5 seeds): an arm's
-# KD iteration costs ~1.2 s in a one-thread process, so 5 + 3 arms x 5 seeds x 2 detectors of
-# 160 iterations fill what the teachers and the converged students leave
+# Sized for 2 cores (both detectors, both protocols, 5 seeds): an arm's KD iteration costs
+# 1.2 s (AVX-512 host) to 2.4 s (AVX2 host) in a one-thread process, so 5 + 3 arms x 5 seeds x
+# 2 detectors of 120 iterations are about 3 hours with the teachers and students on the first
 FULL = Schedule(
-    teacher_iters=1200, converge_iters=1200, p_images=320, epochs=4, a_iters=160, seeds=5
+    teacher_iters=1200, converge_iters=1200, p_images=240, epochs=4, a_iters=120, seeds=5
 )
 # --quick: protocol P of RetinaNet only unless --detector / --protocol say otherwise
 QUICK = Schedule(teacher_iters=400, converge_iters=300, p_images=160, epochs=4, a_iters=80, seeds=1)

@@ -63,21 +63,21 @@ def test_accuracy_benchmark_protocols_give_the_documented_schedules():
 
     bench = load("bench_accuracy")
     s = bench.FULL
-    assert (s.epoch_iters, s.p_iters, s.seeds) == (40, 160, 5)  # 320 images, batch 8, 4 epochs
+    assert (s.epoch_iters, s.p_iters, s.seeds) == (30, 120, 5)  # 240 images, batch 8, 4 epochs
     for detector, lr in (("retinanet", 0.001), ("faster_rcnn", 0.002)):
         _, student_cfg, plain = bench.DETECTORS[detector]
         assert bench.base_lr(student_cfg) == 10 * lr
         p = bench.arm_run(detector, "P", "GKD", 3, s, "T.pth", "S.pth")
         opt = dict(zip(p[::2], p[1::2]))
         assert opt["MODEL.WEIGHTS"] == "S.pth" and opt["MODEL.TEACHER.WEIGHTS"] == "T.pth"
-        assert opt["DATASETS.TRAIN"] == "('gkd_fashion_train_320',)" and opt["SEED"] == "3"
-        assert opt["SOLVER.MAX_ITER"] == "160" and opt["SOLVER.STEPS"] == "(120,)"
+        assert opt["DATASETS.TRAIN"] == "('gkd_fashion_train_240',)" and opt["SEED"] == "3"
+        assert opt["SOLVER.MAX_ITER"] == "120" and opt["SOLVER.STEPS"] == "(90,)"
         assert float(opt["SOLVER.BASE_LR"]) == lr and opt["SOLVER.WARMUP_ITERS"] == "0"
-        assert opt["SOLVER.CHECKPOINT_PERIOD"] == "40"  # a checkpoint per epoch
+        assert opt["SOLVER.CHECKPOINT_PERIOD"] == "30"  # a checkpoint per epoch
         a = bench.arm_run(detector, "A", "student alone", 3, s, "T.pth", "S.pth")
         opt = dict(zip(a[::2], a[1::2]))
         assert "MODEL.WEIGHTS" not in opt and "DATASETS.TRAIN" not in opt
-        assert opt["SOLVER.MAX_ITER"] == "160" and opt["MODEL.META_ARCHITECTURE"] == plain
+        assert opt["SOLVER.MAX_ITER"] == "120" and opt["MODEL.META_ARCHITECTURE"] == plain
         gkd_arch = {"retinanet": "GKDRetinaNet", "faster_rcnn": "GKDRCNN"}[detector]
         assert META_ARCH_REGISTRY.get(gkd_arch).plain_architecture == plain
     assert bench.arm_run("retinanet", "P", "GKD, r shuffled (control)", 0, s, "T", "S")[-2:] == [
@@ -92,9 +92,9 @@ def test_accuracy_benchmark_protocols_give_the_documented_schedules():
     assert set(bench.PROTOCOL_ARMS["A"]) == {"student alone", "local-only KD", "GKD"}
     names = [p.name for _, p in bench.epoch_checkpoints(bench.Path("run"), s, "P")]
     assert names == [
-        "model_0000039.pth",
-        "model_0000079.pth",
-        "model_0000119.pth",
+        "model_0000029.pth",
+        "model_0000059.pth",
+        "model_0000089.pth",
         "model_final.pth",
     ]
 
