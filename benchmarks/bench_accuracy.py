@@ -488,18 +488,22 @@ def format_paired(paired: dict, check: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+# r's groups: (name, robustness.json's group key, its member; None = all boxes)
+R_GROUPS = [
+    ("all", None, None),
+    ("small", "size", "small"),
+    ("medium", "size", "medium"),
+    ("large", "size", "large"),
+    ("occluded", "occluded", "true"),
+    ("not occluded", "occluded", "false"),
+    ("blurred", "blurred", "true"),
+    ("not blurred", "blurred", "false"),
+]
+
+
 def format_r(runs: list[dict]) -> str:
     """Markdown: r on the validation boxes per epoch, overall and per group (mean, < 0.5)."""
-    groups = [
-        ("all", None, None),
-        ("small", "size", "small"),
-        ("medium", "size", "medium"),
-        ("large", "size", "large"),
-        ("occluded", "occluded", "true"),
-        ("not occluded", "occluded", "false"),
-        ("blurred", "blurred", "true"),
-        ("not blurred", "blurred", "false"),
-    ]
+    groups = R_GROUPS
     lines = [
         "| epoch (refresh at it.) | " + " | ".join(g[0] for g in groups) + " |",
         "|" + "---|" * (len(groups) + 1),
@@ -604,14 +608,7 @@ def plot_r(by_protocol: dict, path: Path, detector: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [
-        ("small", "size", "small"),
-        ("large", "size", "large"),
-        ("occluded", "occluded", "true"),
-        ("not occluded", "occluded", "false"),
-        ("blurred", "blurred", "true"),
-        ("not blurred", "blurred", "false"),
-    ]
+    groups = [g for g in R_GROUPS if g[0] not in ("all", "medium")]  # a readable chart
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for protocol, runs in by_protocol.items():
         style = "-o" if protocol == "P" else "--s"

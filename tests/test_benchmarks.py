@@ -137,3 +137,43 @@ def test_accuracy_benchmark_convergence_check_and_r_table():
     table = bench.format_r(runs)
     assert table.splitlines()[2].startswith("| 0 (0) | 0.810 (10%, n 9) | 0.500 (40%, n 5) | - |")
     assert "0.250 (40%, n 5)" in table
+
+
+def test_accuracy_benchmark_report_writes_tables_json_and_charts(tmp_path):
+    """report() on a hand-made results.json: protocol P with its five arms and A with its three,
+    3 seeds; the paired differences are the hand-computed ones."""
+    bench = load("bench_accuracy")
+    keys = (*bench.METRICS, "AP_occluded", "AP_blurred")
+    offset = {a: i for i, a in enumerate(bench.ARMS)}  # alone 0, local-only 1, GKD 2, ...
+
+    def run(arm, seed):
+        return {**dict.fromkeys(keys, 30.0 + offset[arm] + 0.1 * seed), "minutes": 1.0}
+
+    table = {
+        p: {f"{a} | seed {s}": run(a, s) for a in bench.PROTOCOL_ARMS[p] for s in range(3)}
+        for p in ("P", "A")
+    }
+    r_epoch = {"epoch": 0, "bank_iter": 0, "instances": 9, "mean_r": 0.8, "below_0.5": 0.1}
+    group = {"instances": 3, "mean_r": 0.6, "below_0.5": 0.3}
+    r_epoch.update(size={"small": group, "large": group}, occluded={"true": group, "false": group})
+    table["P"]["GKD | seed 0"]["r"] = [r_epoch, {**r_epoch, "epoch": 1, "bank_iter": 30}]
+    results = {
+        "retinanet": {
+            "teacher": dict.fromkeys(keys, 40.0),
+            "P start": dict.fromkeys(keys, 29.5),
+            **table,
+        }
+    }
+    s = bench.dataclasses.replace(bench.FULL, seeds=3)
+    text = bench.report(results, s, tmp_path)
+    assert "### retinanet, protocol P" in text and "### retinanet, protocol A" in text
+    assert "| GKD (3 seeds) | 32.1 +- 0.1 |" in text  # 32.0, 32.1, 32.2
+    assert "| GKD - local-only KD | +1.00 [+1.00, +1.00]" in text
+    assert "| student alone (continued) - its start | +0.60 [" in text  # 30.1 - 29.5
+    assert text.count("GKD + global loss (3 seeds)") == 1  # protocol A has no such arm
+    paired = json.loads((tmp_path / "paired.json").read_text())
+    assert abs(paired["retinanet"]["A"]["paired"]["GKD"]["student alone"]["AP"]["mean"] - 2) < 1e-9
+    r = json.loads((tmp_path / "r_diagnostics.json").read_text())
+    assert [e["bank_iter"] for e in r["retinanet"]["P"]] == [0, 30]
+    for name in ("table.md", "accuracy_retinanet.png", "r_retinanet.png"):
+        assert (tmp_path / name).stat().st_size > 0
