@@ -591,7 +591,10 @@ def plot(by_protocol: dict, seeds: int, path: Path, detector: str) -> None:
         lows = [st["AP"][0] - 3 * max(st["AP"][1], 0.3) for st in stats.values()]
         lows += [st["APs"][0] - 3 * max(st["APs"][1], 0.3) for st in stats.values()]
         ax.set_ylim(max(0.0, min(lows)), None)
-        ax.set_ylabel("COCO AP (val)")
+        if protocol == "P" and "P start" in by_protocol:  # what "continued alone" started from
+            ax.axhline(by_protocol["P start"]["AP"], color="#3b6ea8", ls="--", lw=1)
+            ax.axhline(by_protocol["P start"]["APs"], color="#e08a2c", ls="--", lw=1)
+        ax.set_ylabel("COCO AP (val); dashed: the converged student before P")
         n = max(st["n"][0] for st in stats.values())
         ax.set_title(f"protocol {protocol}: {PROTOCOLS[protocol]} ({n} seeds, mean +- std)")
         ax.legend()
@@ -623,6 +626,7 @@ def plot_r(by_protocol: dict, path: Path, detector: str) -> None:
     axes[1].set_ylabel("share of boxes with r < 0.5")
     for ax in axes:
         ax.set_xlabel("epoch (its prototypes, checkpoint at its end)")
+        ax.set_xticks(sorted({r["epoch"] for runs in by_protocol.values() for r in runs}))
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{detector}: r of the GKD arm (seed 0) by group")
     fig.tight_layout()
