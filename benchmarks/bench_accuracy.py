@@ -202,17 +202,23 @@ def arm_run(
     return opts + arm_overrides(detector, arm)
 
 
+def run_logged(cmd: list[str], log: Path, threads: int = 0) -> int:
+    """Run ``cmd`` in the repository, stdout and stderr to ``log``, OMP on ``threads`` (0 = its
+    default); its exit status."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    with open(log, "w") as f:
+        return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
 def train_net(*argv: str, log: Path, threads: int = 0, eval_only: bool = False) -> dict:
     """Run train_net.py (log to ``log``); return its final COCO bbox metrics."""
     cmd = [sys.executable, "train_net.py", *(["--eval-only"] if eval_only else []), *argv]
     if threads:
         cmd += ["NUM_THREADS", str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    returncode = run_logged(cmd, log, threads)
     text = log.read_text()
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_accuracy: train_net.py failed (exit {proc.returncode}), see {log}")
+    if returncode != 0:
+        raise SystemExit(f"bench_accuracy: train_net.py failed (exit {returncode}), see {log}")
     values = None
     for line in text.splitlines():
         if "copypaste: " in line:
@@ -256,10 +262,7 @@ def r_diagnostics(
     cmd = [sys.executable, "tools/visualize_prototypes.py", "--config-file", config]
     cmd += ["--checkpoint", str(checkpoint), "--output", str(out), "--split", "test"]
     cmd += ["--max-images", "500", *opts]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
+    if run_logged(cmd, log, threads) != 0:
         raise SystemExit(f"bench_accuracy: visualize_prototypes failed, see {log}")
     summary = json.loads((out / "robustness.json").read_text())
     keep = ("instances", "mean_r", "p10", "p25", "p50", "p75", "p90", "below_0.5")
