@@ -425,7 +425,8 @@ def format_table(results: dict, seeds: int, rows: dict[str, dict] | None = None)
     for arm, stats in summarise(results, seeds).items():
         if stats:
             cells = " | ".join(f"{stats[c][0]:.1f} +- {stats[c][1]:.1f}" for c in cols)
-            lines.append(f"| {arm} ({stats['n'][0]} seeds) | {cells} |")
+            n = stats["n"][0]
+            lines.append(f"| {arm} ({n} seed{'s' if n != 1 else ''}) | {cells} |")
     return "\n".join(lines)
 
 
@@ -477,11 +478,13 @@ def format_paired(paired: dict, check: dict | None = None) -> str:
         "|" + "---|" * (len(metrics) + 1),
     ]
 
+    def cell(d: dict) -> str:
+        if d["n"] < 2:  # one seed: a difference, no interval
+            return f"{d['mean']:+.2f} (n {d['n']}, no interval)"
+        return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] (p {d['p']:.2f}, n {d['n']})"
+
     def cells(stats: dict) -> str:
-        return " | ".join(
-            f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] (p {d['p']:.2f}, n {d['n']})"
-            for d in stats.values()
-        )
+        return " | ".join(cell(d) for d in stats.values())
 
     for arm, bases in paired.items():
         for base, stats in bases.items():

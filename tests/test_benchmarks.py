@@ -54,6 +54,13 @@ def test_accuracy_benchmark_pairs_arms_by_seed():
     assert abs(paired["GKD"]["student alone"]["APs"]["mean"] - 10.2 / 3) < 1e-9
     text = bench.format_paired(paired)
     assert "| GKD - local-only KD | +0.40 [" in text and "n 3)" in text
+    # a stopped run with one seed of an arm: the difference, said to have no interval
+    one = {k: v for k, v in results.items() if k.endswith("seed 0")}
+    text = bench.format_paired(bench.paired_table(one, 3))
+    assert "| GKD - local-only KD | +0.50 (n 1, no interval) |" in text and "nan" not in text
+    cols = [*bench.METRICS, "AP_occluded", "AP_blurred"]
+    one = {k: {c: v["AP"] for c in cols} for k, v in one.items()}
+    assert "| GKD (1 seed) | 20.5 +- 0.0 |" in bench.format_table(one, 3)
 
 
 def test_accuracy_benchmark_protocols_give_the_documented_schedules():
