@@ -27,8 +27,9 @@ On the Fashion-MNIST scenes (`gkd_fashion_train` / `gkd_fashion_val`; install th
 5. COCO AP of every run (detectron2's COCOEvaluator) plus AP on the occluded and on the blurred
    validation instances (`gkd_d2.evaluation.flagged_instance_ap`);
 6. r diagnostics: for the GKD arm of seed 0, the distribution of r on the validation boxes at
-   the end of every epoch (that epoch's prototypes; `tools/visualize_prototypes.py --split
-   test`), overall, by size and by the occluded / blurred flags;
+   the end of every epoch (`--quick`: the last; that epoch's prototypes;
+   `tools/visualize_prototypes.py --split test`), overall, by size and by the occluded /
+   blurred flags;
 7. DIR/{full,quick}/: results.json (every run), table.md (per detector and protocol: mean +-
    std per arm, then each KD arm minus local-only KD and minus the student alone, paired by
    seed: mean, 95 % paired-t interval, p; for protocol P also the continued student alone minus
@@ -102,6 +103,8 @@ class Schedule:
     epochs: int  # protocol P: epochs of those images per arm
     a_iters: int  # protocol A: iterations of the whole training split per arm
     seeds: int
+    # r diagnostics at the end of every epoch of protocol P (False: of the last one only)
+    r_every_epoch: bool = True
 
     @property
     def epoch_iters(self) -> int:
@@ -112,14 +115,24 @@ class Schedule:
         return self.epochs * self.epoch_iters
 
 
-# Sized for 2 cores (both detectors, both protocols, 5 seeds): an arm's KD iteration costs
-# 1.2 s (AVX-512 host) to 2.4 s (AVX2 host) in a one-thread process, so 5 + 3 arms x 5 seeds x
-# 2 detectors of 120 iterations are about 3 hours with the teachers and students on the first
+# An arm's KD iteration costs 1.2 s (AVX-512 host) to 2.4 s (AVX2 host) in a one-thread
+# process. Protocol A runs 300 iterations: at 120 the Faster R-CNN student alone was at ~1 AP;
+# its learning curve from ImageNet (constant LR, seed 0, val) was 1.3 / 8.0 / 18.8 AP at 150 /
+# 300 / 450 iterations, RetinaNet's 9.5 / 16.9 / 21.3 (docs/benchmarks.md).
 FULL = Schedule(
-    teacher_iters=1200, converge_iters=1200, p_images=240, epochs=4, a_iters=120, seeds=5
+    teacher_iters=1200, converge_iters=1200, p_images=240, epochs=4, a_iters=300, seeds=5
 )
-# --quick: protocol P of RetinaNet only unless --detector / --protocol say otherwise
-QUICK = Schedule(teacher_iters=400, converge_iters=300, p_images=160, epochs=4, a_iters=80, seeds=1)
+# --quick: protocol P of RetinaNet only unless --detector / --protocol say otherwise; r on the
+# last epoch only (each diagnostic pass is about a minute)
+QUICK = Schedule(
+    teacher_iters=400,
+    converge_iters=300,
+    p_images=160,
+    epochs=4,
+    a_iters=80,
+    seeds=1,
+    r_every_epoch=False,
+)
 
 
 def config_chain(path: str) -> list[Path]:
@@ -252,7 +265,7 @@ def epoch_checkpoints(run_dir: Path, s: Schedule, protocol: str) -> list[tuple[i
         return [(0, run_dir / "model_final.pth")]
     out = [(e, run_dir / f"model_{(e + 1) * s.epoch_iters - 1:07d}.pth") for e in range(s.epochs)]
     out[-1] = (s.epochs - 1, run_dir / "model_final.pth")
-    return out
+    return out if s.r_every_epoch else out[-1:]
 
 
 def r_diagnostics(

@@ -84,7 +84,8 @@ def test_accuracy_benchmark_protocols_give_the_documented_schedules():
         a = bench.arm_run(detector, "A", "student alone", 3, s, "T.pth", "S.pth")
         opt = dict(zip(a[::2], a[1::2]))
         assert "MODEL.WEIGHTS" not in opt and "DATASETS.TRAIN" not in opt
-        assert opt["SOLVER.MAX_ITER"] == "120" and opt["MODEL.META_ARCHITECTURE"] == plain
+        assert opt["SOLVER.MAX_ITER"] == "300" and opt["SOLVER.STEPS"] == "(240,)"
+        assert opt["MODEL.META_ARCHITECTURE"] == plain
         gkd_arch = {"retinanet": "GKDRetinaNet", "faster_rcnn": "GKDRCNN"}[detector]
         assert META_ARCH_REGISTRY.get(gkd_arch).plain_architecture == plain
     assert bench.arm_run("retinanet", "P", "GKD, r shuffled (control)", 0, s, "T", "S")[-2:] == [
@@ -104,6 +105,10 @@ def test_accuracy_benchmark_protocols_give_the_documented_schedules():
         "model_0000089.pth",
         "model_final.pth",
     ]
+    # --quick: r only with the last epoch's prototypes; protocol A: its one refresh
+    quick = bench.epoch_checkpoints(bench.Path("run"), bench.QUICK, "P")
+    assert [(e, p.name) for e, p in quick] == [(3, "model_final.pth")]
+    assert [e for e, _ in bench.epoch_checkpoints(bench.Path("run"), s, "A")] == [0]
 
 
 def test_accuracy_benchmark_cache_key_follows_the_config_chain(tmp_path):
