@@ -98,6 +98,10 @@ def test_accuracy_benchmark_protocols_give_the_documented_schedules():
         assert f"gkd_fashion_train_{sched.p_images}" in FASHION_SPLITS
     assert bench.PROTOCOL_ARMS["P"] == list(bench.ARMS)
     assert set(bench.PROTOCOL_ARMS["A"]) == {"student alone", "local-only KD", "GKD"}
+    # the shortest run (no teacher) starts last; every arm still runs once
+    for arms in bench.PROTOCOL_ARMS.values():
+        order = bench.arm_order(arms)
+        assert order[-1] == "student alone" and sorted(order) == sorted(arms)
     names = [p.name for _, p in bench.epoch_checkpoints(bench.Path("run"), s, "P")]
     assert names == [
         "model_0000029.pth",

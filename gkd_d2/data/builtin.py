@@ -3,7 +3,7 @@
 Registered names: ``gkd_scenes_train`` and ``gkd_scenes_val`` (and ``gkd_scenes_tiny_train`` /
 ``gkd_scenes_tiny_val``, small splits for tests), and the Fashion-MNIST-on-photos benchmark
 ``gkd_fashion_train`` / ``gkd_fashion_val`` (with ``gkd_fashion_tiny_train`` /
-``gkd_fashion_tiny_val``, and ``gkd_fashion_train_160`` / ``_240``, the first images of
+``gkd_fashion_tiny_val``, and ``gkd_fashion_train_120`` / ``_160`` / ``_240``, the first images of
 ``gkd_fashion_train``; see :mod:`gkd_d2.data.fashion_scenes`). The images are generated on
 first use under ``$DETECTRON2_DATASETS/gkd_scenes/`` (default ``./datasets/gkd_scenes``,
 detectron2's own convention) and reused afterwards; registering costs nothing.
@@ -40,8 +40,11 @@ FASHION_SPLITS: dict[str, tuple[str, FashionSceneSpec, int]] = {
     "gkd_fashion_tiny_train": ("train", FashionSceneSpec(16, image_size=128, max_side=64), 0),
     "gkd_fashion_tiny_val": ("val", FashionSceneSpec(8, image_size=128, max_side=64), 0),
     # the first n images of gkd_fashion_train (a scene's RNG is its split, seed and index), for
-    # the accuracy benchmark's distillation epochs (protocol P: epochs of 30 iterations, --quick 20)
-    **{f"gkd_fashion_train_{n}": ("train", FashionSceneSpec(num_images=n), 0) for n in (160, 240)},
+    # the accuracy benchmark's distillation epochs (protocol P: epochs of 30 iterations, --quick 15)
+    **{
+        f"gkd_fashion_train_{n}": ("train", FashionSceneSpec(num_images=n), 0)
+        for n in (120, 160, 240)
+    },
 }
 # Extra per-box fields kept in the detectron2 dicts (for per-subset evaluation).
 EXTRA_KEYS = ["visible_fraction", "occluded", "blurred", "source_index"]
