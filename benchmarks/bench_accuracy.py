@@ -616,11 +616,14 @@ def plot(by_protocol: dict, seeds: int, path: Path, detector: str) -> None:
         lows = [st["AP"][0] - 3 * max(st["AP"][1], 0.3) for st in stats.values()]
         lows += [st["APs"][0] - 3 * max(st["APs"][1], 0.3) for st in stats.values()]
         ax.set_ylim(max(0.0, min(lows)), None)
+        ylabel = "COCO AP (val)"
         if protocol == "P" and "P start" in by_protocol:  # what "continued alone" started from
             ax.axhline(by_protocol["P start"]["AP"], color="#3b6ea8", ls="--", lw=1)
             ax.axhline(by_protocol["P start"]["APs"], color="#e08a2c", ls="--", lw=1)
-        ax.set_ylabel("COCO AP (val); dashed: the converged student before P")
-        n = max(st["n"][0] for st in stats.values())
+            ylabel += "; dashed: the converged student before P"
+        ax.set_ylabel(ylabel)
+        ns = sorted({int(st["n"][0]) for st in stats.values()})  # a stopped run: arms differ
+        n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
         ax.set_title(f"protocol {protocol}: {PROTOCOLS[protocol]} ({n} seeds, mean +- std)")
         ax.legend()
     fig.suptitle(f"Fashion-MNIST scenes, {detector} student")
