@@ -84,6 +84,26 @@ def test_a_perfect_teacher_scores_100_and_training_goes_on(tmp_path, one_iterati
     assert "loss_gkd_fg" in history and int(trainer.model.distiller.bank_iter) == 0
 
 
+def test_a_teacher_that_detects_nothing_scores_0_not_nan(tmp_path, one_iteration_teacher):
+    trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "1.0")
+
+    def nothing(batched_inputs):
+        outputs = []
+        for x in batched_inputs:
+            inst = Instances((x["height"], x["width"]))  # no detection, the fields still there
+            inst.pred_boxes = Boxes(torch.zeros(0, 4))
+            inst.scores = torch.zeros(0)
+            inst.pred_classes = torch.zeros(0, dtype=torch.long)
+            outputs.append({"instances": inst})
+        return outputs
+
+    trainer.model.teacher.model.forward = nothing
+    with pytest.raises(TeacherCheckError) as e:
+        trainer.train()
+    assert trainer.storage.histories()["gkd/teacher_ap"].latest() == 0.0
+    assert "scores bbox AP 0.00 (no detections) on 8 images" in str(e.value)
+
+
 def test_check_off_with_zero_images(tmp_path, one_iteration_teacher):
     trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.CHECK_IMAGES", "0")
     trainer.train()

@@ -121,17 +121,20 @@ class TeacherCheck(HookBase):
         with preserved_rng():
             ap, source, n = teacher_ap(teacher, self.cfg, self.build_evaluator)
         seconds = time.perf_counter() - start
+        # COCO's AP of an empty detection list is nan (no precision to average); it found nothing
+        found_nothing = not math.isfinite(ap)
+        if found_nothing:
+            ap = 0.0
+        what = f"bbox AP {ap:.2f}" + (" (no detections)" if found_nothing else "")
         who = (
             f"teacher {teacher.cfg.MODEL.META_ARCHITECTURE} (MODEL.TEACHER.CONFIG_FILE "
             f"{t.CONFIG_FILE!r}, MODEL.TEACHER.WEIGHTS {t.WEIGHTS!r})"
         )
-        logger.info(
-            f"Teacher check: {who}: bbox AP {ap:.2f} on {n} images of {source} ({seconds:.1f}s)"
-        )
+        logger.info(f"Teacher check: {who}: {what} on {n} images of {source} ({seconds:.1f}s)")
         self.trainer.storage.put_scalar("gkd/teacher_ap", ap, smoothing_hint=False)
-        if t.MIN_AP > 0 and not (math.isfinite(ap) and ap >= t.MIN_AP):
+        if t.MIN_AP > 0 and ap < t.MIN_AP:
             raise TeacherCheckError(
-                f"Teacher check failed: the {who} scores bbox AP {ap:.2f} on {n} images of "
+                f"Teacher check failed: the {who} scores {what} on {n} images of "
                 f"{source}, below MODEL.TEACHER.MIN_AP {t.MIN_AP:g}; distilling from it would "
                 "teach the student nothing. Evaluate it alone (python train_net.py "
                 f"--config-file {t.CONFIG_FILE} --eval-only MODEL.WEIGHTS {t.WEIGHTS}). A "
