@@ -173,7 +173,7 @@ def test_a_shorter_split_is_the_first_images_of_the_longer(tmp_path):
         pixels = [np.asarray(Image.open(d / "images" / img["file_name"])) for d in (short, long)]
         assert np.array_equal(*pixels)
     full = FASHION_SPLITS["gkd_fashion_train"]
-    for n in (160, 240):
+    for n in (120, 160, 240):
         split, spec, seed = FASHION_SPLITS[f"gkd_fashion_train_{n}"]
         assert (split, seed) == (full[0], full[2]) and spec.num_images == n
         assert spec == FashionSceneSpec(**{**vars(full[1]), "num_images": n})
