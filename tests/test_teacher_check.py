@@ -1,5 +1,9 @@
 """The teacher check: the teacher's AP on a seeded subset before iteration 0, and its floor."""
 
+import contextlib
+import io
+import logging
+
 import pytest
 import torch
 from conftest import REPO, setup_test_cfg
@@ -8,7 +12,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 import gkd_d2  # noqa: F401
 from gkd_d2.engine import Trainer
-from gkd_d2.engine.teacher_check import TeacherCheckError, check_subset
+from gkd_d2.engine.teacher_check import TeacherCheckError, check_subset, parse_teacher_check
 
 CONFIGS = REPO / "tests" / "configs"
 TEACHER_CFG = CONFIGS / "tiny_retinanet.yaml"
@@ -21,6 +25,22 @@ def one_iteration_teacher(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("teacher")
     Trainer(setup_test_cfg(TEACHER_CFG, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out))).train()
     return str(out / "model_final.pth")
+
+
+@contextlib.contextmanager
+def teacher_check_log():
+    """What the teacher check logs, as text (the ``gkd_d2`` logger may not propagate)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("gkd_d2.engine.teacher_check")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
 
 
 def gkd_trainer(tmp_path, weights, *opts) -> Trainer:
@@ -78,9 +98,17 @@ def test_a_perfect_teacher_scores_100_and_training_goes_on(tmp_path, one_iterati
     # the check runs the teacher as detectron2 inference does (model(inputs)); distillation
     # uses its backbone and head, untouched here
     trainer.model.teacher.model.forward = oracle("gkd_scenes_tiny_val")
-    trainer.train()
+    with teacher_check_log() as log:
+        trainer.train()
     history = trainer.storage.histories()
     assert history["gkd/teacher_ap"].latest() == pytest.approx(100.0)
+    # what tools/rehearse.py reads back from a training log
+    assert parse_teacher_check(log.getvalue()) == {
+        "ap": 100.0,
+        "no_detections": False,
+        "images": 8,
+        "source": "gkd_scenes_tiny_val",
+    }
     assert "loss_gkd_fg" in history and int(trainer.model.distiller.bank_iter) == 0
 
 
@@ -98,10 +126,42 @@ def test_a_teacher_that_detects_nothing_scores_0_not_nan(tmp_path, one_iteration
         return outputs
 
     trainer.model.teacher.model.forward = nothing
-    with pytest.raises(TeacherCheckError) as e:
+    with pytest.raises(TeacherCheckError) as e, teacher_check_log() as log:
         trainer.train()
     assert trainer.storage.histories()["gkd/teacher_ap"].latest() == 0.0
     assert "scores bbox AP 0.00 (no detections) on 8 images" in str(e.value)
+    # the rehearsals' random teachers detect nothing: their train log must still be read
+    assert parse_teacher_check(log.getvalue()) == {
+        "ap": 0.0,
+        "no_detections": True,
+        "images": 8,
+        "source": "gkd_scenes_tiny_val",
+    }
+
+
+def test_parse_teacher_check_takes_the_last_check_and_none_without_one():
+    text = (
+        "[12/06 10:00:00 gkd.engine.teacher_check]: Teacher check: teacher RetinaNet "
+        "(MODEL.TEACHER.CONFIG_FILE 'a.yaml', MODEL.TEACHER.WEIGHTS 'w: x.pth'): bbox AP 12.34 "
+        "on 50 images of coco_2017_val (3.2s)\n"
+        "[12/06 10:05:00 gkd.engine.teacher_check]: Teacher check: teacher RetinaNet "
+        "(MODEL.TEACHER.CONFIG_FILE 'a.yaml', MODEL.TEACHER.WEIGHTS 'x.pth'): bbox AP 0.00 (no "
+        "detections) on 2 images of coco_2017_train (1.0s)\n"
+    )
+    first = text.splitlines()[0]
+    assert parse_teacher_check(first) == {
+        "ap": 12.34,
+        "no_detections": False,
+        "images": 50,
+        "source": "coco_2017_val",
+    }
+    assert parse_teacher_check(text) == {
+        "ap": 0.0,
+        "no_detections": True,
+        "images": 2,
+        "source": "coco_2017_train",
+    }
+    assert parse_teacher_check("Starting training from iteration 0\n") is None
 
 
 def test_check_off_with_zero_images(tmp_path, one_iteration_teacher):

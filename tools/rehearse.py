@@ -136,6 +136,7 @@ def rehearse(config: str, output: Path) -> dict:
     from detectron2.config import get_cfg
 
     import gkd_d2
+    from gkd_d2.engine.teacher_check import parse_teacher_check
     from gkd_d2.rehearsal import RehearsalDataError, write_builtin_splits, write_stand_in_weights
 
     output.mkdir(parents=True, exist_ok=True)
@@ -217,13 +218,7 @@ def rehearse(config: str, output: Path) -> dict:
     refreshes = re.findall(
         r"PGM refresh at iteration (\d+): (\d+) instances in (\d+) images .*?, ([\d.]+)s", text
     )
-    ap = re.search(r"Teacher check: .*?: bbox AP ([\d.naN-]+) on (\d+) images", text)
-    summary["teacher_check"] = (
-        # (nan, no detection above the teacher's threshold, as None: summary.json is strict JSON)
-        {"ap": None if ap.group(1) == "nan" else float(ap.group(1)), "images": int(ap.group(2))}
-        if ap
-        else None
-    )
+    summary["teacher_check"] = parse_teacher_check(text)
     summary["refreshes"] = [
         {"iteration": int(i), "instances": int(n), "images": int(m), "seconds": float(s)}
         for i, n, m, s in refreshes

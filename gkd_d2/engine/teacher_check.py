@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -102,6 +103,39 @@ def teacher_ap(
     return comm.all_gather(ap)[0], source, len(subset)
 
 
+NO_DETECTIONS = " (no detections)"
+
+
+def describe_ap(ap: float) -> tuple[float, str]:
+    """(the AP to store, its words in the log): COCO's AP of an empty detection list is nan (no
+    precision to average); a teacher that found nothing scores 0."""
+    if math.isfinite(ap):
+        return ap, f"bbox AP {ap:.2f}"
+    return 0.0, f"bbox AP {0.0:.2f}{NO_DETECTIONS}"
+
+
+# what ``TeacherCheck`` logs; tools/rehearse.py reads it back from train logs
+_LOGGED = re.compile(
+    r"Teacher check: .*?: bbox AP (?P<ap>[\d.]+)(?P<none> \(no detections\))? "
+    r"on (?P<images>\d+) images of (?P<source>\S+) "
+)
+
+
+def parse_teacher_check(text: str) -> dict | None:
+    """The last teacher check logged in ``text`` (a training log): ``{"ap", "no_detections",
+    "images", "source"}``; None when the check did not run."""
+    found = list(_LOGGED.finditer(text))
+    if not found:
+        return None
+    m = found[-1]
+    return {
+        "ap": float(m["ap"]),
+        "no_detections": m["none"] is not None,
+        "images": int(m["images"]),
+        "source": m["source"],
+    }
+
+
 class TeacherCheck(HookBase):
     """Before training: log the teacher's AP (``gkd/teacher_ap``) and stop, naming the teacher,
     when it is below ``MODEL.TEACHER.MIN_AP``."""
@@ -121,11 +155,7 @@ class TeacherCheck(HookBase):
         with preserved_rng():
             ap, source, n = teacher_ap(teacher, self.cfg, self.build_evaluator)
         seconds = time.perf_counter() - start
-        # COCO's AP of an empty detection list is nan (no precision to average); it found nothing
-        found_nothing = not math.isfinite(ap)
-        if found_nothing:
-            ap = 0.0
-        what = f"bbox AP {ap:.2f}" + (" (no detections)" if found_nothing else "")
+        ap, what = describe_ap(ap)
         who = (
             f"teacher {teacher.cfg.MODEL.META_ARCHITECTURE} (MODEL.TEACHER.CONFIG_FILE "
             f"{t.CONFIG_FILE!r}, MODEL.TEACHER.WEIGHTS {t.WEIGHTS!r})"
