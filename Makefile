@@ -47,7 +47,7 @@ bench-perf: install
 # AVX2 host protocol P with its teacher and student took 2.6 h (RetinaNet) and 2.1 h (Faster
 # R-CNN), A (300 iterations per arm) 70 (RetinaNet) and 73 (Faster R-CNN) min on AVX-512 (figures in
 # docs/benchmarks.md); `make bench-accuracy ARGS=--quick` for the short variant (13.2 min on
-# a 2-core AVX-512 host), `ARGS="--detector retinanet --protocol P"` for one table
+# a 2-core AVX-512 host, 28.7 on AVX2), `ARGS="--detector retinanet --protocol P"` for one table
 bench-accuracy: install
 	bash tools/install_benchmark_data.sh
 	$(PY) benchmarks/bench_accuracy.py $(ARGS)
