@@ -1,7 +1,5 @@
 """The teacher check: the teacher's AP on a seeded subset before iteration 0, and its floor."""
 
-import contextlib
-import io
 import logging
 
 import pytest
@@ -27,20 +25,11 @@ def one_iteration_teacher(tmp_path_factory) -> str:
     return str(out / "model_final.pth")
 
 
-@contextlib.contextmanager
-def teacher_check_log():
-    """What the teacher check logs, as text (the ``gkd_d2`` logger may not propagate)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    log = logging.getLogger("gkd_d2.engine.teacher_check")
-    log.addHandler(handler)
-    old_level = log.level
-    log.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
+def teacher_check_log(caplog, monkeypatch):
+    """Collect what the teacher check logs in ``caplog`` (detectron2's setup_logger stops
+    gkd_d2's records at "gkd_d2"; caplog listens at the root)."""
+    monkeypatch.setattr(logging.getLogger("gkd_d2"), "propagate", True)
+    return caplog.at_level(logging.INFO, logger="gkd_d2.engine.teacher_check")
 
 
 def gkd_trainer(tmp_path, weights, *opts) -> Trainer:
@@ -93,17 +82,19 @@ def oracle(dataset_name):
     return forward
 
 
-def test_a_perfect_teacher_scores_100_and_training_goes_on(tmp_path, one_iteration_teacher):
+def test_a_perfect_teacher_scores_100_and_training_goes_on(
+    tmp_path, one_iteration_teacher, caplog, monkeypatch
+):
     trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "50.0")
     # the check runs the teacher as detectron2 inference does (model(inputs)); distillation
     # uses its backbone and head, untouched here
     trainer.model.teacher.model.forward = oracle("gkd_scenes_tiny_val")
-    with teacher_check_log() as log:
+    with teacher_check_log(caplog, monkeypatch):
         trainer.train()
     history = trainer.storage.histories()
     assert history["gkd/teacher_ap"].latest() == pytest.approx(100.0)
     # what tools/rehearse.py reads back from a training log
-    assert parse_teacher_check(log.getvalue()) == {
+    assert parse_teacher_check(caplog.text) == {
         "ap": 100.0,
         "no_detections": False,
         "images": 8,
@@ -112,7 +103,9 @@ def test_a_perfect_teacher_scores_100_and_training_goes_on(tmp_path, one_iterati
     assert "loss_gkd_fg" in history and int(trainer.model.distiller.bank_iter) == 0
 
 
-def test_a_teacher_that_detects_nothing_scores_0_not_nan(tmp_path, one_iteration_teacher):
+def test_a_teacher_that_detects_nothing_scores_0_not_nan(
+    tmp_path, one_iteration_teacher, caplog, monkeypatch
+):
     trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "1.0")
 
     def nothing(batched_inputs):
@@ -126,12 +119,12 @@ def test_a_teacher_that_detects_nothing_scores_0_not_nan(tmp_path, one_iteration
         return outputs
 
     trainer.model.teacher.model.forward = nothing
-    with pytest.raises(TeacherCheckError) as e, teacher_check_log() as log:
+    with pytest.raises(TeacherCheckError) as e, teacher_check_log(caplog, monkeypatch):
         trainer.train()
     assert trainer.storage.histories()["gkd/teacher_ap"].latest() == 0.0
     assert "scores bbox AP 0.00 (no detections) on 8 images" in str(e.value)
     # the rehearsals' random teachers detect nothing: their train log must still be read
-    assert parse_teacher_check(log.getvalue()) == {
+    assert parse_teacher_check(caplog.text) == {
         "ap": 0.0,
         "no_detections": True,
         "images": 8,

@@ -103,20 +103,20 @@ def teacher_ap(
     return comm.all_gather(ap)[0], source, len(subset)
 
 
-NO_DETECTIONS = " (no detections)"
+_NO_DETECTIONS = " (no detections)"
 
 
 def describe_ap(ap: float) -> tuple[float, str]:
     """(the AP to store, its words in the log): COCO's AP of an empty detection list is nan (no
     precision to average); a teacher that found nothing scores 0."""
-    if math.isfinite(ap):
-        return ap, f"bbox AP {ap:.2f}"
-    return 0.0, f"bbox AP {0.0:.2f}{NO_DETECTIONS}"
+    found_nothing = not math.isfinite(ap)
+    ap = 0.0 if found_nothing else ap
+    return ap, f"bbox AP {ap:.2f}" + (_NO_DETECTIONS if found_nothing else "")
 
 
-# what ``TeacherCheck`` logs; tools/rehearse.py reads it back from train logs
+# what ``TeacherCheck`` logs (``describe_ap``'s words); tools/rehearse.py reads it back
 _LOGGED = re.compile(
-    r"Teacher check: .*?: bbox AP (?P<ap>[\d.]+)(?P<none> \(no detections\))? "
+    rf"Teacher check: .*?: bbox AP (?P<ap>[\d.]+)(?P<none>{re.escape(_NO_DETECTIONS)})? "
     r"on (?P<images>\d+) images of (?P<source>\S+) "
 )
 
