@@ -1,10 +1,10 @@
 # gkd_d2: `make demo` runs the main job (GKD demo), `make test` runs the test suite. Both set up everything
 # they need first (a virtualenv in .venv/, the pinned stack, detectron2, this package); the set-up is
 # skipped when its inputs have not changed since the last run.
-# detectron2: DETECTRON2_SOURCE says which (see tools/install_detectron2.py): unset = the official
-# main at the pinned commit, compiled with its C++ ops (../shared/vendor's snapshot when there is
-# one, else git); `pypi` = the pure-Python 0.6 fallback; or a .tar.gz, a folder, git+URL@commit.
-# Another venv for another build: `make test VENV=.venv-pypi DETECTRON2_SOURCE=pypi`.
+# detectron2 is always built from its official source with its C++ ops (see
+# tools/install_detectron2.py); DETECTRON2_SOURCE says which: unset (or `main`) = main at the pinned
+# commit, `v0.6` = the v0.6 release tag, or a .tar.gz, a source folder, git+URL@commit.
+# Another venv for another build: `make test VENV=.venv-v06 DETECTRON2_SOURCE=v0.6`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,8 +19,6 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# pip >= 26.3 refuses to download the detectron2 sdist (its extra `all` names a URL)
-	$(PY) -m pip install -q 'pip>=23.2,<26.3'
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
@@ -32,7 +30,7 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# the paper configs end to end at 800 px on stand-in data (tools/rehearse.py; about 3 minutes
+# the paper configs end to end at 800 px on stand-in data (python -m tools.rehearse; about 3 minutes
 # each on 2 cores); `make rehearse REHEARSE="-k coco"` for the COCO ones only
 rehearse: install
 	GKD_SLOW=1 $(PY) -m pytest -q tests/test_rehearsal.py::test_paper_config_rehearsal $(REHEARSE)
@@ -50,7 +48,7 @@ bench-perf: install
 # a 2-core AVX-512 host, 28.7 on AVX2), `ARGS="--detector retinanet --protocol P"` for one table
 bench-accuracy: install
 	bash tools/install_benchmark_data.sh
-	$(PY) benchmarks/bench_accuracy.py $(ARGS)
+	$(PY) -m benchmarks.bench_accuracy $(ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,47 +1,50 @@
-"""The detectron2 that tools/install_detectron2.py installed: compiled from the official source,
-or the patched pure-Python 0.6 fallback. A test of what one build alone has is skipped on the
-other."""
+"""Installing: the detectron2 that tools/install_detectron2.py built from the official source (main
+at the pinned commit, or v0.6) with its C++ ops; the installer's sources and patches; and the
+package metadata that ``pip install -e .`` reads."""
+
+import configparser
+import importlib.util
+import os
+import re
+import sys
+import tarfile
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from detectron2 import _C
 
-PURE_PYTHON = getattr(_C, "PURE_PYTHON_STANDIN", False)
-pure_only = pytest.mark.skipif(not PURE_PYTHON, reason="the compiled build has no stand-in")
-compiled_only = pytest.mark.skipif(PURE_PYTHON, reason="the pure-Python build has no C++ ops")
+spec = importlib.util.spec_from_file_location(
+    "install_detectron2", REPO / "tools" / "install_detectron2.py"
+)
+inst = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(inst)
 
 
+# ---- the installed build ---------------------------------------------------------------------
 def test_build_marker_names_the_build():
     import detectron2
     from detectron2._gkd_d2_build import GKD_D2_BUILD
 
     assert detectron2.__version__ == "0.6"  # main says 0.6 too
-    assert GKD_D2_BUILD["compiled"] is (not PURE_PYTHON)
-    assert (GKD_D2_BUILD["source"] == "pypi") is PURE_PYTHON
-    # the compiled build's _C is the extension module, the fallback's the stand-in
-    assert _C.__file__.endswith(".py" if PURE_PYTHON else ".so")
+    assert GKD_D2_BUILD["compiled"] is True
+    assert _C.__file__.endswith(".so")  # the compiled extension
+    assert GKD_D2_BUILD == inst.installed_build(sys.executable)
+    assert GKD_D2_BUILD["patch_level"] == inst.PATCH_LEVEL
 
 
-@pure_only
-def test_detectron2_imports_with_standin():
-    assert _C.PURE_PYTHON_STANDIN is True
-    assert "pure-Python" in _C.get_compiler_version()
-    assert _C.has_cuda() is False
+@pytest.mark.skipif(
+    "DETECTRON2_SOURCE" not in os.environ, reason="DETECTRON2_SOURCE not set (make sets it)"
+)
+def test_installed_build_is_the_requested_one():
+    """`make test DETECTRON2_SOURCE=...` tests the build it names, not another one."""
+    build = inst.installed_build(sys.executable)
+    assert build["source"] == inst.resolve_source(os.environ["DETECTRON2_SOURCE"])
 
 
-@pure_only
-def test_standin_raises_clear_error_for_compiled_ops():
-    with pytest.raises(NotImplementedError, match=r"_C\.nms_rotated is a compiled op"):
-        _C.nms_rotated  # noqa: B018
-    # the op that the unpatched COCOeval_opt would reach for
-    with pytest.raises(NotImplementedError, match="InstanceAnnotation"):
-        _C.InstanceAnnotation  # noqa: B018
-
-
-@compiled_only
 def test_compiled_ops_run():
-    """A rotated-box NMS and a deformable convolution: ops only the C++ build has."""
+    """A rotated-box NMS and a deformable convolution: ops that only the C++ extension has."""
     from detectron2.layers import DeformConv, nms_rotated
 
     boxes = torch.tensor([[10.0, 10, 8, 4, 0], [10.0, 10, 8, 4, 5], [40.0, 40, 6, 6, 30]])
@@ -62,7 +65,6 @@ def test_collect_env_works():
 
     info = collect_env_info()
     assert "detectron2" in info
-    assert ("pure-Python" in info) is PURE_PYTHON
 
 
 def test_model_zoo_config_files_shipped():
@@ -83,74 +85,21 @@ def test_pillow_and_numpy_aliases_patched():
     assert t.interp == Image.BILINEAR
     out = t.apply_image(np.zeros((8, 8, 3), np.uint8))
     assert out.shape == (4, 4, 3)
-    # used np.int before the patch
+    # v0.6 uses np.int here (patched); every training data loader calls it
     print_instances_class_histogram([{"annotations": [{"category_id": 0}]}], ["a"])
 
 
-@pure_only
-def test_coco_evaluator_falls_back_to_pycocotools(tmp_path):
-    """Perfect predictions through COCOEvaluator give AP 100 without the C++ COCOeval."""
-    from detectron2.data import DatasetCatalog
-    from detectron2.evaluation import COCOEvaluator
-    from detectron2.structures import Boxes, BoxMode, Instances
-
-    import gkd_d2  # noqa: F401
-
-    name = "gkd_scenes_tiny_val"
-    dicts = DatasetCatalog.get(name)
-    evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=str(tmp_path))
-    assert evaluator._use_fast_impl is False
-    evaluator.reset()
-    for d in dicts:
-        boxes = [
-            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]
-        ]
-        inst = Instances((d["height"], d["width"]))
-        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        inst.scores = torch.ones(len(boxes))
-        inst.pred_classes = torch.tensor(
-            [a["category_id"] for a in d["annotations"]], dtype=torch.long
-        )
-        evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
-    res = evaluator.evaluate()
-    assert res["bbox"]["AP"] == pytest.approx(100.0)
-    assert res["bbox"]["AP50"] == pytest.approx(100.0)
-
-
-@pure_only
-def test_direct_coco_evaluation_with_fast_impl_requested_uses_pycocotools():
-    from detectron2.data import MetadataCatalog
-    from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
-    from pycocotools.coco import COCO
-
-    import gkd_d2  # noqa: F401
-
-    gt = COCO(MetadataCatalog.get("gkd_scenes_tiny_val").json_file)
-    dets = [
-        {
-            "image_id": a["image_id"],
-            "category_id": a["category_id"],
-            "bbox": a["bbox"],
-            "score": 1.0,
-        }
-        for a in gt.dataset["annotations"]
-    ]
-    ev = _evaluate_predictions_on_coco(gt, dets, "bbox", use_fast_impl=True)
-    assert type(ev).__name__ == "COCOeval"
-    assert ev.stats[0] == pytest.approx(1.0)
-
-
-@compiled_only
 def test_fast_cpp_cocoeval_equals_pycocotools():
-    """detectron2's C++ COCOeval (COCOEvaluator's default when compiled) gives pycocotools' AP,
-    all 12 numbers, on noisy detections of the tiny validation set (not only perfect ones)."""
-    from detectron2.data import MetadataCatalog
+    """detectron2's C++ COCOeval (COCOEvaluator's default) gives pycocotools' AP, all 12 numbers,
+    on noisy detections of the tiny validation set (not only perfect ones)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.evaluation.fast_eval_api import COCOeval_opt
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     import gkd_d2  # noqa: F401
 
+    DatasetCatalog.get("gkd_scenes_tiny_val")  # generated on first use
     gt = COCO(MetadataCatalog.get("gkd_scenes_tiny_val").json_file)
     rng = np.random.default_rng(0)
     dets = []
@@ -179,13 +128,109 @@ def test_fast_cpp_cocoeval_equals_pycocotools():
     np.testing.assert_allclose(fast, slow, atol=1e-12)
 
 
-@compiled_only
 def test_coco_evaluator_uses_the_fast_cocoeval(tmp_path):
+    from detectron2.data import DatasetCatalog
     from detectron2.evaluation import COCOEvaluator
 
     import gkd_d2  # noqa: F401
 
+    DatasetCatalog.get("gkd_scenes_tiny_val")  # generated on first use
     ev = COCOEvaluator(
         "gkd_scenes_tiny_val", tasks=("bbox",), distributed=False, output_dir=str(tmp_path)
     )
     assert ev._use_fast_impl is True
+
+
+# ---- the installer: sources and patches --------------------------------------------------------
+def snapshot(name: str):
+    path = inst.VENDOR / name
+    if not path.is_file():
+        pytest.skip(f"no local snapshot {name} on this machine")
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, patched",
+    [
+        ("detectron2-02b5c4e2.tar.gz", ["model_zoo without pkg_resources"]),
+        ("detectron2-v0.6.tar.gz", ["model_zoo without pkg_resources", "NumPy/Pillow aliases"]),
+    ],
+)
+def test_source_snapshot_checked_and_patched(name, patched, tmp_path):
+    tree, build_id, what = inst.unpack_source(str(snapshot(name)), tmp_path)
+    assert build_id == "sha256-" + inst.SNAPSHOTS[name][0][:16]
+    assert what == inst.SNAPSHOTS[name][1]
+    assert (tree / "detectron2" / "layers" / "csrc" / "vision.cpp").is_file()
+    assert inst.patch_source_tree(tree) == patched
+    text = "".join(p.read_text() for p in (tree / "detectron2").rglob("*.py"))
+    assert "pkg_resources" not in text and not inst.NP_ALIAS.search(text)
+    assert "Image.LINEAR" not in text
+    assert inst.patch_source_tree(tree) == []  # a patched tree needs nothing more
+
+
+def test_unexpected_tree_fails_loudly(tmp_path):
+    """A v0.6-like tree with one more NumPy alias, or a model zoo written otherwise, is refused
+    with the file and the difference named, never half-patched silently."""
+    tree, _, _ = inst.unpack_source(str(snapshot("detectron2-v0.6.tar.gz")), tmp_path)
+    extra = tree / "detectron2" / "utils" / "extra.py"
+    extra.write_text("import numpy as np\nx = np.float(1)\n")
+    with pytest.raises(inst.PatchError, match="found 20 removed NumPy aliases"):
+        inst.patch_source_tree(tree)
+    zoo = tree / "detectron2" / "model_zoo" / "model_zoo.py"
+    zoo.write_text("import pkg_resources\n")
+    with pytest.raises(inst.PatchError, match=r"model_zoo\.py: expected exactly one occurrence"):
+        inst.patch_source_tree(tree)
+
+
+def test_damaged_snapshot_is_refused_by_name(tmp_path):
+    snapshot("detectron2-02b5c4e2.tar.gz")
+    fake = tmp_path / "detectron2-02b5c4e2.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(REPO / "setup.cfg", arcname="detectron2-02b5c4e2/setup.cfg")
+    with pytest.raises(inst.PatchError, match=rf"{fake}: sha256 [0-9a-f]{{64}} does not match"):
+        inst.unpack_source(str(fake), tmp_path / "x")
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(inst.PatchError, match="'/no/such/detectron2': no such file or folder"):
+        inst.unpack_source("/no/such/detectron2", tmp_path)
+    with pytest.raises(inst.PatchError, match="'v0.7': no such file or folder .*'v0.6'"):
+        inst.unpack_source(inst.resolve_source("v0.7"), tmp_path)
+    with pytest.raises(inst.PatchError, match="a git source is git\\+URL@commit"):
+        inst.unpack_source("git+https://example.com/detectron2.git", tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(inst.PatchError, match="folder: not a detectron2 source tree"):
+        inst.unpack_source(str(tmp_path / "folder"), tmp_path / "copy")
+    with pytest.raises(inst.PatchError, match="not a detectron2 source tree"):
+        inst.patch_source_tree(tmp_path / "folder")
+
+
+@pytest.mark.parametrize("given, name", [("", "main"), ("main", "main"), ("v0.6", "v0.6")])
+def test_named_sources(given, name):
+    """Unset is main at the pinned commit; `v0.6` the release tag: each from its local snapshot
+    when there is one, else from the official git repository at the full commit."""
+    file, commit = inst.NAMED[name]
+    source = inst.resolve_source(given)
+    if (inst.VENDOR / file).is_file():
+        assert source == str(inst.VENDOR / file)
+        assert inst.SNAPSHOTS[file][1].split()[1] == commit[:8]
+    else:
+        assert source == f"git+{inst.OFFICIAL_GIT}@{commit}"
+    assert inst.resolve_source("/some/folder") == "/some/folder"
+
+
+# ---- package metadata ----------------------------------------------------------------------------
+def install_requires() -> list[str]:
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines()
+    return [re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0] for line in lines if line.strip()]
+
+
+def test_install_requires_names_no_opencv():
+    """OpenCV is one import (cv2) under several distributions (opencv-python, -headless,
+    -contrib-python...); naming one would install a second OpenCV beside a user's own."""
+    names = install_requires()
+    assert "torch" in names and "detectron2" in names  # the parse found the list
+    opencv = [n for n in names if re.sub(r"[-_.]+", "-", n.lower()).startswith("opencv")]
+    assert not opencv, f"setup.cfg install_requires names OpenCV: {opencv}"

@@ -1,19 +1,20 @@
 #!/usr/bin/env python
-"""Install detectron2: built from its official source with the C++ ops, or pure Python from PyPI.
+"""Install detectron2, built from its official source with its C++ ops.
 
 Detectron2 is published as source on GitHub (not on PyPI) and its users build it from git; main
 still says version 0.6 (no release since v0.6, 2021). ``DETECTRON2_SOURCE`` (or ``--source``)
-says what to install:
+says which source to build:
 
-* unset (the default): the official source at the pinned main commit: the snapshot
-  ``../shared/vendor/detectron2-02b5c4e2.tar.gz`` beside the checkout when there is one (these
-  machines have no GitHub), else ``git+https://github.com/facebookresearch/detectron2.git@<commit>``;
-  when neither can be had, the pure-Python fallback below, saying so in one line;
+* unset or ``main`` (the default): main at the pinned commit;
+* ``v0.6``: the v0.6 release tag;
 * a ``.tar.gz`` snapshot (its sha256 is checked: the known snapshots against their recorded
   digests, any other against ``DETECTRON2_SHA256`` when set), a source folder, or a
-  ``git+URL@commit``;
-* ``pypi``: the fallback, PyPI's ``pb1-detectron2==0.6`` sdist, which is the v0.6 tree without
-  ``detectron2/layers/csrc/``, installed pure Python with a ``_C`` stand-in.
+  ``git+URL@commit`` (or ``@tag``).
+
+``main`` and ``v0.6`` are cloned from ``https://github.com/facebookresearch/detectron2.git`` at
+their commit, unless a local copy of the official snapshot (``detectron2-02b5c4e2.tar.gz``,
+``detectron2-v0.6.tar.gz``) sits in the vendor folder beside the checkout, for machines without
+GitHub.
 
 A source tree is copied, patched only where this stack needs it (each patch checks the text it
 replaces, so an unexpected tree fails loudly), and built with ``pip wheel --no-build-isolation``
@@ -21,12 +22,12 @@ replaces, so an unexpected tree fails loudly), and built with ``pip wheel --no-b
 ``.cache/detectron2-wheels`` and a marker module ``detectron2/_gkd_d2_build.py`` names the build,
 so that a second run with the same source is instant. Patches:
 
-* source trees: ``model_zoo/model_zoo.py`` without ``pkg_resources`` (main; setuptools >= 81
-  has none); ``Image.LINEAR`` and ``np.int/np.float/np.str/np.bool`` (v0.6; Pillow >= 10,
-  NumPy >= 1.24);
-* the PyPI sdist, besides those two: ``setup.py`` (no extension, distribution name
-  ``detectron2``, the model-zoo yaml files, no ``black`` pin), a pure-Python ``detectron2/_C.py``
-  stand-in, and pycocotools' COCOeval in ``COCOEvaluator`` (no C++ one).
+* ``model_zoo/model_zoo.py`` without ``pkg_resources`` (main and v0.6; setuptools >= 81 has none:
+  ``import detectron2.model_zoo`` fails);
+* v0.6 only: ``Image.LINEAR`` -> ``Image.BILINEAR`` (Pillow >= 10 removed it; it is a default
+  argument in ``data/transforms``, so ``import detectron2.data`` fails), and
+  ``np.int/np.float/np.str/np.bool`` -> the builtins (NumPy >= 1.24 removed them; e.g. the class
+  histogram that every training data loader prints fails). main has both fixes upstream.
 
 Only the standard library is used, so the script runs before anything else is installed.
 Usage: ``python tools/install_detectron2.py [--source SRC] [--python PY] [--cache DIR] [--force]``.
@@ -47,19 +48,15 @@ import tempfile
 import time
 from pathlib import Path
 
-SDIST_NAME = "pb1-detectron2"
-SDIST_VERSION = "0.6"
-SDIST_FILE = f"{SDIST_NAME}-{SDIST_VERSION}.tar.gz"
-SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 # Bump when the patches change, so that `make` reinstalls over an older patched build.
 PATCH_LEVEL = 3
-MARKER = f"GKD_D2_PATCH_LEVEL = {PATCH_LEVEL}"
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The official source: the pinned main commit and the snapshots of ../shared/vendor/.
+# The official source: the pinned main commit, the v0.6 tag, and their snapshot files.
 OFFICIAL_GIT = "https://github.com/facebookresearch/detectron2.git"
 PINNED_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
+V06_COMMIT = "d1e04565d3bec8719335b88be9e9b961bf3ec464"  # the tag v0.6
 SNAPSHOTS = {  # file name -> (sha256, what it is)
     "detectron2-02b5c4e2.tar.gz": (
         "a42c29a2376e7bcc0b704a173612dd6f75960d837ccf4d340a0d714ac92e36f0",
@@ -70,13 +67,13 @@ SNAPSHOTS = {  # file name -> (sha256, what it is)
         "v0.6 d1e04565",
     ),
 }
-DEFAULT_SNAPSHOT = "detectron2-02b5c4e2.tar.gz"
+NAMED = {  # DETECTRON2_SOURCE name -> (snapshot file, commit)
+    "main": ("detectron2-02b5c4e2.tar.gz", PINNED_COMMIT),
+    "v0.6": ("detectron2-v0.6.tar.gz", V06_COMMIT),
+}
+DEFAULT_SNAPSHOT = NAMED["main"][0]
+VENDOR = REPO.parent / "shared" / "vendor"
 BUILD_MODULE = "_gkd_d2_build.py"
-# what the fallback lacks, said whenever it is installed
-FALLBACK_LACKS = (
-    "no C++ ops: no deformable conv, no rotated boxes, no fast C++ COCOeval (pycocotools "
-    "evaluates); RetinaNet with RETINANET.NORM GN crashes in 0.6"
-)
 
 
 class PatchError(RuntimeError):
@@ -91,18 +88,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_sdist(path: Path) -> None:
-    """Raise PatchError unless ``path`` is the exact sdist the patches were written for."""
-    if not path.is_file():
-        raise PatchError(f"{path}: sdist not found")
-    got = sha256_of(path)
-    if got != SDIST_SHA256:
-        raise PatchError(
-            f"{path}: sha256 {got} does not match the expected {SDIST_SHA256} of "
-            f"{SDIST_NAME}=={SDIST_VERSION}; delete the file and run the install again"
-        )
-
-
 def replace_once(path: Path, old: str, new: str) -> None:
     """Replace the single occurrence of ``old`` in ``path``; fail if it occurs 0 or >1 times."""
     text = path.read_text()
@@ -110,108 +95,12 @@ def replace_once(path: Path, old: str, new: str) -> None:
     if count != 1:
         raise PatchError(
             f"{path}: expected exactly one occurrence of {old!r}, found {count}; "
-            "this is not the pb1-detectron2 0.6 sdist the patch was written for"
+            "this is not a detectron2 tree the patch was written for"
         )
     path.write_text(text.replace(old, new))
 
 
-# ---- patch 1: setup.py -------------------------------------------------------------------------
-SETUP_EDITS = [
-    ('name="pb1-detectron2",', 'name="detectron2",'),
-    ("ext_modules=get_extensions(),", "ext_modules=[],  # gkd_d2 patch: the sdist has no csrc/"),
-    ('cmdclass={"build_ext": torch.utils.cpp_extension.BuildExtension},', ""),
-    (
-        'package_data={"detectron2.model_zoo": get_model_zoo_configs()},',
-        'package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]},',
-    ),
-    ('        "black==21.4b2",\n', ""),
-]
-
-
-def patch_setup(root: Path) -> None:
-    for old, new in SETUP_EDITS:
-        replace_once(root / "setup.py", old, new)
-    zoo = root / "detectron2" / "model_zoo" / "configs"
-    if not any(zoo.glob("**/*.yaml")):
-        raise PatchError(f"{zoo}: no model-zoo yaml files in the sdist")
-    # The stale egg-info carries the old distribution name.
-    shutil.rmtree(root / "pb1_detectron2.egg-info", ignore_errors=True)
-
-
-# ---- patch 2: detectron2/_C.py -----------------------------------------------------------------
-C_STANDIN = f'''"""Pure-Python stand-in for detectron2's compiled ``_C`` module (written by gkd_d2).
-
-This build of detectron2 0.6 has no C++/CUDA extension (PyPI's sdist lacks ``layers/csrc``).
-Everything the GKD project uses runs without it: torchvision supplies ROIAlign and NMS and
-pycocotools supplies COCOeval. Deformable convolution, rotated boxes and the fast C++ COCOeval
-are not available; using them raises a NotImplementedError that says so.
-"""
-
-{MARKER}
-PURE_PYTHON_STANDIN = True
-
-
-def get_compiler_version() -> str:
-    return "none (pure-Python detectron2 build)"
-
-
-def get_cuda_version() -> str:
-    return "none (pure-Python detectron2 build)"
-
-
-def has_cuda() -> bool:
-    return False
-
-
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise NotImplementedError(
-        f"detectron2._C.{{name}} is a compiled op, and this detectron2 0.6 build is pure Python "
-        "(installed by gkd_d2's tools/install_detectron2.py). Deformable conv, rotated-box ops "
-        "and the C++ COCOeval are unavailable; use modules that do not need them."
-    )
-'''
-
-
-def patch_c_standin(root: Path) -> None:
-    pkg = root / "detectron2"
-    existing = list(pkg.glob("_C.*"))
-    if existing:
-        raise PatchError(f"{existing[0]}: a _C module already exists in the sdist")
-    (pkg / "_C.py").write_text(C_STANDIN)
-
-
-# ---- patch 3: COCOeval fallback ----------------------------------------------------------------
-COCO_EVAL_LINE = (
-    "    coco_eval = (COCOeval_opt if use_fast_impl else COCOeval)(coco_gt, coco_dt, iou_type)\n"
-)
-COCO_EDITS = [
-    (
-        "from .evaluator import DatasetEvaluator\n",
-        "from .evaluator import DatasetEvaluator\n\n\n"
-        "def _pure_python_build():\n"
-        "    # gkd_d2 patch: this detectron2 build has no C++ COCOeval; use pycocotools' one.\n"
-        "    from detectron2 import _C\n\n"
-        '    return getattr(_C, "PURE_PYTHON_STANDIN", False)\n',
-    ),
-    (
-        "        self._use_fast_impl = use_fast_impl\n",
-        "        self._use_fast_impl = use_fast_impl and not _pure_python_build()\n",
-    ),
-    (
-        COCO_EVAL_LINE,
-        "    if _pure_python_build():\n        use_fast_impl = False\n" + COCO_EVAL_LINE,
-    ),
-]
-
-
-def patch_coco_eval(root: Path) -> None:
-    for old, new in COCO_EDITS:
-        replace_once(root / "detectron2" / "evaluation" / "coco_evaluation.py", old, new)
-
-
-# ---- patch 4: model zoo without pkg_resources --------------------------------------------------
+# ---- model zoo without pkg_resources -------------------------------------------------------------
 ZOO_EDITS = [
     ("import pkg_resources\n", ""),
     (
@@ -229,9 +118,9 @@ def patch_model_zoo(root: Path) -> None:
         replace_once(root / "detectron2" / "model_zoo" / "model_zoo.py", old, new)
 
 
-# ---- patch 5: removed Pillow / NumPy aliases ---------------------------------------------------
+# ---- removed Pillow / NumPy aliases --------------------------------------------------------------
 NP_ALIAS = re.compile(r"\bnp\.(int|float|str|bool)\b(?![\w.])")
-# Counts in the pristine sdist; a different count means a different tree.
+# Counts in the pristine v0.6 tree; a different count means a different tree.
 EXPECTED_NP_ALIASES = 19
 EXPECTED_IMAGE_LINEAR = 1
 
@@ -253,33 +142,11 @@ def patch_aliases(root: Path) -> None:
         )
 
 
-PATCHES = [patch_setup, patch_c_standin, patch_coco_eval, patch_model_zoo, patch_aliases]
-
-
-def patch_tree(root: Path) -> None:
-    """Apply all patches to an unpacked sdist at ``root``; raise PatchError on any mismatch."""
-    if not (root / "setup.py").is_file() or not (root / "detectron2").is_dir():
-        raise PatchError(f"{root}: not an unpacked detectron2 sdist (no setup.py / detectron2/)")
-    for patch in PATCHES:
-        patch(root)
-
-
-def unpack(sdist: Path, dest: Path) -> Path:
-    """Unpack ``sdist`` into ``dest`` and return the source root inside it."""
-    with tarfile.open(sdist) as tar:
-        tar.extractall(dest, filter="data")
-    root = dest / f"{SDIST_NAME}-{SDIST_VERSION}"
-    if not root.is_dir():
-        raise PatchError(f"{sdist}: no top-level folder {root.name}/ inside")
-    return root
-
-
 def patch_source_tree(root: Path) -> list[str]:
     """Patch an official source tree where this stack needs it; return what was patched.
 
-    main imports ``pkg_resources`` in its model zoo; v0.6 uses the removed Pillow / NumPy aliases
-    (exactly as many as the sdist, whose ``detectron2/`` is byte-identical to the tag's). A tree
-    with neither needs nothing.
+    main and v0.6 import ``pkg_resources`` in their model zoo; v0.6 also uses the removed Pillow /
+    NumPy aliases. A tree with neither needs nothing.
     """
     check_source_tree(root)
     done = []
@@ -317,9 +184,20 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def named_source(name: str) -> str:
+    """The source of ``main`` or ``v0.6``: the local snapshot when there is one, else git."""
+    snapshot, commit = NAMED[name]
+    path = VENDOR / snapshot
+    return str(path) if path.is_file() else f"git+{OFFICIAL_GIT}@{commit}"
+
+
 def default_source() -> str:
-    snapshot = REPO.parent / "shared" / "vendor" / DEFAULT_SNAPSHOT
-    return str(snapshot) if snapshot.is_file() else f"git+{OFFICIAL_GIT}@{PINNED_COMMIT}"
+    return named_source("main")
+
+
+def resolve_source(spec: str) -> str:
+    """``DETECTRON2_SOURCE`` as given (empty = main) -> a snapshot, folder or git source."""
+    return named_source(spec or "main") if (spec or "main") in NAMED else spec
 
 
 def unpack_source(spec: str, tmp: Path) -> tuple[Path, str, str]:
@@ -337,7 +215,10 @@ def unpack_source(spec: str, tmp: Path) -> tuple[Path, str, str]:
         ):
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
-                raise PatchError(f"{' '.join(cmd)} failed: {run.stderr.strip()[-300:]}")
+                raise PatchError(
+                    f"{' '.join(cmd)} failed: {run.stderr.strip()[-300:]} (without GitHub, give "
+                    "DETECTRON2_SOURCE a .tar.gz snapshot or a folder of the source)"
+                )
         check_source_tree(tree, spec)
         head = subprocess.run(
             ["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True
@@ -345,7 +226,10 @@ def unpack_source(spec: str, tmp: Path) -> tuple[Path, str, str]:
         return tree, f"git-{head}", f"{url}@{head[:8]} ({describe_tree(tree)})"
     path = Path(spec).expanduser()
     if not path.exists():
-        raise PatchError(f"DETECTRON2_SOURCE {spec!r}: no such file or folder")
+        raise PatchError(
+            f"DETECTRON2_SOURCE {spec!r}: no such file or folder (a source is "
+            f"{' or '.join(map(repr, NAMED))}, a .tar.gz, a folder, or git+URL@commit)"
+        )
     if path.is_dir():
         tree = tmp / "detectron2"
         shutil.copytree(path, tree, ignore=shutil.ignore_patterns(".git", "build", "*.so"))
@@ -466,91 +350,21 @@ def install_from_source(python: str, spec: str, cache: Path, force: bool) -> str
     return f"installed detectron2 {what} (compiled, {ops}) in {took:.0f} s{extra}"
 
 
-def install_fallback(python: str, cache: Path, force: bool, reason: str = "") -> str:
-    """The pure-Python v0.6 from PyPI's sdist; return the one-line summary."""
-    info = {
-        "source": "pypi",
-        "id": f"sha256-{SDIST_SHA256[:16]}",
-        "what": "0.6 (PyPI sdist)",
-        "compiled": False,
-        "cuda": False,
-        "patch_level": PATCH_LEVEL,
-    }
-    why = f" ({reason})" if reason else ""
-    if not force and installed_build(python) == info:
-        return f"detectron2 0.6 pure Python{why} already installed: {FALLBACK_LACKS}"
-    sdist = download(python, cache)
-    verify_sdist(sdist)
-    with tempfile.TemporaryDirectory(prefix="d2-sdist-") as tmp:
-        root = unpack(sdist, Path(tmp))
-        patch_tree(root)
-        write_build_module(root, info)
-        pip(
-            python,
-            "install",
-            "-q",
-            "--no-build-isolation",
-            "--no-deps",
-            "--force-reinstall",
-            str(root),
-        )
-    if installed_build(python) != info:
-        raise PatchError("detectron2 installed, but the patched _C stand-in is not importable")
-    return f"installed detectron2 0.6 pure Python{why}: {FALLBACK_LACKS}"
-
-
-def download(python: str, cache: Path) -> Path:
-    sdist = cache / SDIST_FILE
-    if sdist.is_file() and sha256_of(sdist) == SDIST_SHA256:
-        return sdist
-    cache.mkdir(parents=True, exist_ok=True)
-    # --no-build-isolation: the sdist's setup.py imports torch, which must already be installed.
-    subprocess.run(
-        [
-            python,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-d",
-            str(cache),
-            f"{SDIST_NAME}=={SDIST_VERSION}",
-        ],
-        check=True,
-    )
-    verify_sdist(sdist)
-    return sdist
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--source",
         default=os.environ.get("DETECTRON2_SOURCE", ""),
-        help="a .tar.gz snapshot, a source folder, git+URL@commit, or 'pypi' "
-        "(default: $DETECTRON2_SOURCE, else the pinned official main)",
+        help="'main' (the pinned commit), 'v0.6', a .tar.gz snapshot, a source folder or "
+        "git+URL@commit (default: $DETECTRON2_SOURCE, else main)",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter to install into")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache")
     parser.add_argument("--force", action="store_true", help="rebuild and reinstall")
     args = parser.parse_args(argv)
 
-    if args.source == "pypi":
-        print(install_fallback(args.python, args.cache / "downloads", args.force))
-        return 0
-    spec = args.source or default_source()
-    try:
-        print(install_from_source(args.python, spec, args.cache / "detectron2-wheels", args.force))
-    except PatchError as e:
-        if args.source:  # asked for by name: never replaced silently
-            raise
-        print(
-            install_fallback(
-                args.python, args.cache / "downloads", args.force, reason=f"no source: {e}"
-            )
-        )
+    spec = resolve_source(args.source)
+    print(install_from_source(args.python, spec, args.cache / "detectron2-wheels", args.force))
     return 0
 
 
