@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Accuracy benchmark: does GKD help a student, against the student alone and local-only KD?
 
-    python benchmarks/bench_accuracy.py [--quick] [--detector retinanet|faster_rcnn|both]
+    python -m benchmarks.bench_accuracy [--quick] [--detector retinanet|faster_rcnn|both]
                                         [--protocol P|A|both] [--seeds N] [--jobs N]
                                         [--output DIR] [--retrain-teacher]
 
-On the Fashion-MNIST scenes (`gkd_fashion_train` / `gkd_fashion_val`; install the data first:
-`bash tools/install_benchmark_data.sh`), for RetinaNet and Faster R-CNN (configs of
+On the Fashion-MNIST scenes (`gkd_fashion_train` / `gkd_fashion_val` of
+`benchmarks/fashion_scenes.py`; install the data first: `bash tools/install_benchmark_data.sh`),
+for RetinaNet and Faster R-CNN (configs of
 `configs/bench/`: a teacher `fashion_teacher_<detector>.yaml`, a student
 `fashion_gkd_<detector>.yaml`):
 1. the teacher, trained once and cached in DIR/teachers/ (keyed by its config files' content
@@ -25,7 +26,7 @@ On the Fashion-MNIST scenes (`gkd_fashion_train` / `gkd_fashion_val`; install th
    control GKD with r shuffled among each batch's instances (`SHUFFLE_R True`); a seed fixes
    the data order and the initialisation of every arm;
 5. COCO AP of every run (detectron2's COCOEvaluator) plus AP on the occluded and on the blurred
-   validation instances (`gkd_d2.evaluation.flagged_instance_ap`);
+   validation instances (`benchmarks.evaluation.flagged_instance_ap`);
 6. r diagnostics: for the GKD arm of seed 0, the distribution of r on the validation boxes at
    the end of every epoch (`--quick`: the last; that epoch's prototypes;
    `tools/visualize_prototypes.py --split test`), overall, by size and by the occluded /
@@ -36,8 +37,10 @@ On the Fashion-MNIST scenes (`gkd_fashion_train` / `gkd_fashion_val`; install th
    its starting point, the convergence check), paired.json, r_diagnostics.json,
    accuracy_<detector>.png (AP per arm and protocol with std bars), r_<detector>.png (mean r
    and share below 0.5 per group and epoch) and runs/.../r_epoch<e>/ (the tool's pictures).
-Each run is a train_net.py process; finished runs are reused (their results.json entry), so an
-interrupted benchmark continues where it stopped. `--jobs 2` runs two one-thread processes at
+Each run is a train_net.py process (through `benchmarks/with_fashion_data.py`, which registers the
+benchmark's datasets) whose final evaluation is its OUTPUT_DIR/results.json; finished runs are
+reused (their entry in DIR's results.json), so an interrupted benchmark continues where it
+stopped. `--jobs 2` runs two one-thread processes at
 once (faster on 2 cores than one two-thread process: see docs/benchmarks.md).
 """
 
@@ -56,7 +59,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# the scripts that need the benchmark's datasets run through this module (it registers them)
+WITH_DATA = [sys.executable, "-m", "benchmarks.with_fashion_data"]
 
 DETECTORS = {
     # name: (teacher config, student config, the plain meta-architecture of "student alone")
@@ -169,14 +173,9 @@ def arm_overrides(detector: str, arm: str) -> list[str]:
 
 def base_lr(config: str) -> float:
     """SOLVER.BASE_LR of a bench config (through its _BASE_ chain)."""
-    from detectron2.config import get_cfg
+    from gkd_d2.config import load_config
 
-    from gkd_d2.config import add_gkd_config
-
-    cfg = add_gkd_config(get_cfg())
-    cfg.set_new_allowed(True)
-    cfg.merge_from_file(str(REPO / config))
-    return float(cfg.SOLVER.BASE_LR)
+    return float(load_config(str(REPO / config)).SOLVER.BASE_LR)
 
 
 def solver(iters: int, drop_at: int, *, lr: float | None = None, warmup: int | None = None):
@@ -223,33 +222,36 @@ def run_logged(cmd: list[str], log: Path, threads: int = 0) -> int:
         return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def train_net(*argv: str, log: Path, threads: int = 0, eval_only: bool = False) -> dict:
-    """Run train_net.py (log to ``log``); return its final COCO bbox metrics."""
-    cmd = [sys.executable, "train_net.py", *(["--eval-only"] if eval_only else []), *argv]
+def train_net(
+    output_dir: Path, *argv: str, log: Path, threads: int = 0, eval_only: bool = False
+) -> dict:
+    """Run train_net.py into ``output_dir`` (log to ``log``); return its final COCO bbox metrics
+    (the ``results.json`` it writes there)."""
+    from gkd_d2.engine.results import read_results
+
+    cmd = [*WITH_DATA, "train_net.py", *(["--eval-only"] if eval_only else []), *argv]
+    cmd += ["OUTPUT_DIR", str(output_dir)]
     if threads:
         cmd += ["NUM_THREADS", str(threads)]
+    (output_dir / "results.json").unlink(missing_ok=True)  # an interrupted run's must not count
     returncode = run_logged(cmd, log, threads)
-    text = log.read_text()
     if returncode != 0:
         raise SystemExit(f"bench_accuracy: train_net.py failed (exit {returncode}), see {log}")
-    values = None
-    for line in text.splitlines():
-        if "copypaste: " in line:
-            tail = line.split("copypaste: ")[1].strip()
-            if tail[:1].isdigit() or tail.startswith("nan"):
-                values = [float(v) for v in tail.split(",")]
-    if values is None:
-        raise SystemExit(f"bench_accuracy: no COCO evaluation in {log}")
-    return dict(zip(METRICS, values))
+    try:
+        bbox = read_results(str(output_dir))["bbox"]
+    except (FileNotFoundError, KeyError):
+        raise SystemExit(f"bench_accuracy: no COCO evaluation in {output_dir}, see {log}") from None
+    return {m: bbox[m] for m in METRICS}
 
 
 def flagged(run_dir: Path, dataset: str = DATASET_VAL) -> dict[str, float]:
     """AP on the occluded and on the blurred validation instances of a finished run."""
     from detectron2.data import MetadataCatalog
 
-    import gkd_d2  # noqa: F401  (registers the datasets)
-    from gkd_d2.evaluation import flagged_instance_ap_from_files
+    from benchmarks.evaluation import flagged_instance_ap_from_files
+    from benchmarks.fashion_scenes import register_fashion_datasets
 
+    register_fashion_datasets()
     gt = MetadataCatalog.get(dataset).json_file
     results = run_dir / "inference" / dataset / "coco_instances_results.json"
     out = {}
@@ -272,7 +274,7 @@ def r_diagnostics(
     config: str, opts: list[str], checkpoint: Path, out: Path, log: Path, threads: int = 0
 ) -> dict:
     """tools/visualize_prototypes.py --split test on one checkpoint; its robustness.json."""
-    cmd = [sys.executable, "tools/visualize_prototypes.py", "--config-file", config]
+    cmd = [*WITH_DATA, "tools/visualize_prototypes.py", "--config-file", config]
     cmd += ["--checkpoint", str(checkpoint), "--output", str(out), "--split", "test"]
     cmd += ["--max-images", "500", *opts]
     if run_logged(cmd, log, threads) != 0:
@@ -332,12 +334,11 @@ class Bench:
             folder.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             m = train_net(
+                folder,
                 "--config-file",
                 config,
                 *opts,
                 *solver(iters, int(iters * 0.8)),
-                "OUTPUT_DIR",
-                str(folder),
                 log=folder / "train.log",  # alone on the machine: all its threads
             )
             m.update(flagged(folder))
@@ -358,11 +359,10 @@ class Bench:
         opts = arm_run(detector, protocol, arm, seed, self.s, teacher, student)
         start = time.perf_counter()
         m = train_net(
+            run_dir,
             "--config-file",
             student_cfg,
             *opts,
-            "OUTPUT_DIR",
-            str(run_dir),
             log=run_dir / "train.log",
             threads=self.threads,
         )
@@ -421,7 +421,7 @@ class Bench:
 
 def summarise(results: dict, seeds: int) -> dict[str, dict[str, tuple[float, float]]]:
     """Per arm and metric: (mean, std) over seeds (``results``: one detector and protocol)."""
-    from gkd_d2.evaluation import mean_std
+    from benchmarks.evaluation import mean_std
 
     out = {}
     for arm in ARMS:
@@ -451,7 +451,7 @@ def format_table(results: dict, seeds: int, rows: dict[str, dict] | None = None)
 
 def paired_table(results: dict, seeds: int, metrics=PAIRED_METRICS) -> dict:
     """{arm: {baseline: {metric: paired_difference}}} over the seeds both arms finished."""
-    from gkd_d2.evaluation import paired_difference
+    from benchmarks.evaluation import paired_difference
 
     out: dict = {}
     for arm in KD_ARMS:
@@ -478,7 +478,7 @@ def paired_table(results: dict, seeds: int, metrics=PAIRED_METRICS) -> dict:
 def convergence_check(results: dict, start: dict, seeds: int, metrics=PAIRED_METRICS) -> dict:
     """The continued student alone minus its starting point, per seed: {metric: difference}.
     Near 0 (the interval spanning 0, or well below the KD gains): the baseline had converged."""
-    from gkd_d2.evaluation import paired_difference
+    from benchmarks.evaluation import paired_difference
 
     runs = [
         results[f"{ALONE} | seed {s}"] for s in range(seeds) if f"{ALONE} | seed {s}" in results

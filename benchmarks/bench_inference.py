@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference: the exported student vs the GKD model it came from, side by side.
 
-    python benchmarks/bench_inference.py [--config configs/quickstart_gkd_retinanet_cpu.yaml]
+    python -m benchmarks.bench_inference [--config configs/quickstart_gkd_retinanet_cpu.yaml]
                                          [--weights CKPT] [--images 50] [--rounds 3]
                                          [KEY VALUE ...]
 
@@ -15,7 +15,6 @@ identical detections (boxes, scores, classes) and prints the time ratio exported
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -24,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import report
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from harness import report  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.modeling import build_model
 
-    import gkd_d2
     from gkd_d2.checkpoint import GKDCheckpointer
-
-    spec = importlib.util.spec_from_file_location("export", REPO / "tools" / "export_student.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
+    from gkd_d2.config import load_config
+    from tools.export_student import export_student
 
     tmp = Path(tempfile.mkdtemp())
-    cfg = gkd_d2.add_gkd_config(get_cfg())
-    gkd_d2.config.merge_config(cfg, str(REPO / ns.config), ns.opts)
+    cfg = load_config(str(REPO / ns.config), ns.opts)
     if ns.weights is None:  # random weights score low: keep every box so outputs are compared
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     cfg.MODEL.TEACHER.CONFIG_FILE = str(REPO / cfg.MODEL.TEACHER.CONFIG_FILE)
@@ -61,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = str(tmp / "gkd.pth")
         torch.save({"model": gkd_model.state_dict()}, weights)
     GKDCheckpointer(gkd_model).load(weights)
-    _, config_out = export.export_student(cfg, weights, str(tmp / "student"))
+    _, config_out = export_student(cfg, weights, str(tmp / "student"))
     plain_cfg = get_cfg()
     plain_cfg.merge_from_file(config_out)
     plain = build_model(plain_cfg)

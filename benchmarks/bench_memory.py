@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of GKD training vs student training + teacher inference (CPU, peak RSS).
 
-    python benchmarks/bench_memory.py [--detector retinanet] [--size 320] [--batch 2] [--steps 5]
+    python -m benchmarks.bench_memory [--detector retinanet] [--size 320] [--batch 2] [--steps 5]
 
 The models and inputs of benchmarks/bench_step.py (teacher R50-FPN, student R18-FPN, 80
 classes). Three fresh processes, one after the other, each building only what it runs and
@@ -22,16 +22,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import in_fresh_process, report  # noqa: E402  (benchmarks/, the script's folder)
+from benchmarks.harness import in_fresh_process, report
 
 
 def _run(mode: str, args: dict, queue) -> None:
-    import bench_step
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from benchmarks import bench_step
     from gkd_d2.teacher import FrozenTeacher
 
     torch.set_num_threads(args["threads"])

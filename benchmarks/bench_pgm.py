@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prototype selection: gkd_d2's closed-form joint matching pursuit vs the direct formulation.
 
-    python benchmarks/bench_pgm.py [--n 2000] [--channels 256] [--prototypes 10] [--chunk 64]
+    python -m benchmarks.bench_pgm [--n 2000] [--channels 256] [--prototypes 10] [--chunk 64]
 
 The direct formulation is what the official code does: at every step it builds, for every
 candidate atom, the reconstructions g w^T of the residuals in both spaces (K x C x N tensors,
@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import in_fresh_process, report  # noqa: E402  (benchmarks/, the script's folder)
+from benchmarks.harness import in_fresh_process, report
 
 
 def make_inputs(n: int, channels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prototype refresh: images forwarded, the second refresh's cost, and its share of an epoch.
 
-    python benchmarks/bench_refresh.py [--config configs/quickstart_gkd_retinanet_cpu.yaml]
+    python -m benchmarks.bench_refresh [--config configs/quickstart_gkd_retinanet_cpu.yaml]
                                        [--steps 20] [KEY VALUE ...]
 
 On a GKD config of the embedded scenes (the CPU quickstarts; the teacher's weights are random
@@ -13,13 +13,13 @@ trainer's own PrototypeRefresh hook:
 * times both refreshes and --steps training steps, and prints each refresh's time as a share of
   the training time of one refresh period (target: <= 5 %).
 
-At COCO scale (issue 14), on a paper config with stand-in data of COCO-sized images:
+At COCO scale, on a paper config with stand-in data of COCO-sized images:
 
-    python benchmarks/bench_refresh.py --config configs/gkd.yaml --stand-in-data --steps 3 \
+    python -m benchmarks.bench_refresh --config configs/gkd.yaml --stand-in-data --steps 3 \
         --coco-projection SOLVER.IMS_PER_BATCH 2
 
 ``--stand-in-data`` writes the config's own COCO/VOC splits in detectron2's layouts to a
-temporary ``DETECTRON2_DATASETS`` (``gkd_d2/rehearsal.py``: 4 training images of COCO sizes
+temporary ``DETECTRON2_DATASETS`` (``tools/rehearsal.py``: 4 training images of COCO sizes
 holding all classes, 800-px input as configured) and random-init student and teacher weights
 with calibrated FrozenBN. ``--coco-projection`` turns the measured
 seconds per image of a refresh (both models, then the student only) and per training step at
@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import report
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from harness import report  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,20 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DETECTRON2_DATASETS"] = str(tmp / "datasets")
     from types import SimpleNamespace
 
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    import gkd_d2
+    from gkd_d2.config import load_config
     from gkd_d2.engine import PrototypeRefresh, Trainer, setup_cfg
     from gkd_d2.teacher import load_teacher_cfg
 
-    probe = gkd_d2.add_gkd_config(get_cfg())
-    gkd_d2.config.merge_config(probe, str(REPO / ns.config), ns.opts)
+    probe = load_config(str(REPO / ns.config), ns.opts)
     weights = probe.MODEL.TEACHER.WEIGHTS
     opts = list(ns.opts)
     if ns.stand_in_data:  # and random weights with calibrated FrozenBN (as tools/rehearse.py)
-        from gkd_d2.rehearsal import write_builtin_splits, write_stand_in_weights
+        from tools.rehearsal import write_builtin_splits, write_stand_in_weights
 
         write_builtin_splits(list(probe.DATASETS.TRAIN), list(probe.DATASETS.TEST), 4, 2, 20)
         student_w, teacher_w, _ = write_stand_in_weights(probe, tmp / "weights")
@@ -173,8 +171,7 @@ INSTANCES_PER_SAMPLED_IMAGE = 2.0
 def coco_projection(result: dict, cfg) -> dict:
     """The refresh's share of one COCO epoch per GPU, from this run's per-image and per-step
     seconds and a timed (class, level) selection at N = 2000 (see the module docstring)."""
-    from bench_pgm import make_inputs
-
+    from benchmarks.bench_pgm import make_inputs
     from gkd_d2.distill.prototypes import select_prototypes
 
     g = cfg.MODEL.GKD

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-step cost of GKD: a GKD step vs a student step + a teacher no-grad forward.
 
-    python benchmarks/bench_step.py [--size 320] [--batch 2] [--steps 10] [--rounds 3]
+    python -m benchmarks.bench_step [--size 320] [--batch 2] [--steps 10] [--rounds 3]
                                     [--detector retinanet|faster_rcnn] [--norm BN]
                                     [--device cuda] [--teacher-depth 101] [--student-depth 50]
                                     [--json FILE] [KEY VALUE ...]   (GKD config overrides)
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import report
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from harness import report  # noqa: E402  (benchmarks/, the script's folder)
 
 COMMON = [
     "MODEL.DEVICE",
@@ -76,14 +76,12 @@ def build_cfgs(
     device: str = "cpu",
     depths: tuple[int, int] = (50, 18),
 ):
-    from detectron2.config import get_cfg
-
-    from gkd_d2 import add_gkd_config
+    from gkd_d2.config import load_config
 
     d = DETECTORS[detector]
-    teacher = add_gkd_config(get_cfg())
-    teacher.merge_from_file(str(REPO / d["base"]))
-    teacher.merge_from_list(COMMON + ["MODEL.RESNETS.DEPTH", str(depths[0]), d["classes"], "80"])
+    teacher = load_config(
+        str(REPO / d["base"]), COMMON + ["MODEL.RESNETS.DEPTH", str(depths[0]), d["classes"], "80"]
+    )
     teacher.MODEL.DEVICE = device
     student = teacher.clone()
     student.merge_from_list(["MODEL.RESNETS.DEPTH", str(depths[1])])

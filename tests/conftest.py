@@ -7,6 +7,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # Generated test datasets go to a project cache, never to a user's DETECTRON2_DATASETS.
 os.environ["DETECTRON2_DATASETS"] = str(REPO / ".cache" / "test-datasets")
+# the test-only splits of tests/configs/tiny_*.yaml (import gkd_d2 registers the quick-start
+# ones); imported only now: detectron2 reads DETECTRON2_DATASETS when it is imported
+from tiny_datasets import register_tiny_datasets  # noqa: E402
+
+register_tiny_datasets()
+# what a process the tests launch needs for the tiny splits: tests/startup/sitecustomize.py
+# registers them at its start-up (and in the processes it starts in turn)
+TINY_ENV = {
+    "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "tests" / "startup"), str(REPO / "tests")]
+        + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    )
+}
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny_retinanet.yaml"
 # a tiny GKD student with the tiny teacher's widths (res2 32, FPN 64)
 TEACHER_WIDTHS = [

@@ -5,14 +5,13 @@ import importlib
 import json
 import sys
 
-from conftest import REPO
+import pytest
 
 
 def load(name):
-    # importable by name: bench_pgm's worker processes (spawn) import it again
-    if str(REPO / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-    return importlib.import_module(name)
+    # by its package name (setup.cfg's pythonpath): bench_pgm's worker processes (spawn) import
+    # it again by that name
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_pgm_benchmark_closed_form_picks_equal_the_direct_objective(tmp_path):
@@ -92,7 +91,7 @@ def test_accuracy_benchmark_protocols_give_the_documented_schedules():
         "MODEL.GKD.SHUFFLE_R",
         "True",
     ]
-    from gkd_d2.data.builtin import FASHION_SPLITS
+    from benchmarks.fashion_scenes import FASHION_SPLITS
 
     for sched in (bench.FULL, bench.QUICK):  # protocol P's split must be registered
         assert f"gkd_fashion_train_{sched.p_images}" in FASHION_SPLITS
@@ -113,6 +112,45 @@ def test_accuracy_benchmark_protocols_give_the_documented_schedules():
     quick = bench.epoch_checkpoints(bench.Path("run"), bench.QUICK, "P")
     assert [(e, p.name) for e, p in quick] == [(3, "model_final.pth")]
     assert [e for e, _ in bench.epoch_checkpoints(bench.Path("run"), s, "A")] == [0]
+
+
+def test_accuracy_benchmark_reads_each_runs_results_json(tmp_path, monkeypatch):
+    """A run's metrics are the results.json train_net.py writes (null read back as nan); a run
+    that wrote none (or only an earlier run did) stops the benchmark."""
+    from gkd_d2.engine.results import write_results
+
+    bench = load("bench_accuracy")
+    commands = []
+
+    def finished_run(cmd, log, threads=0):
+        commands.append(cmd)
+        bbox = {**dict.fromkeys(bench.METRICS, 1.5), "APl": float("nan"), "AP-Bag": 3.0}
+        write_results(cmd[cmd.index("OUTPUT_DIR") + 1], {"bbox": bbox})
+        return 0
+
+    monkeypatch.setattr(bench, "run_logged", finished_run)
+    m = bench.train_net(tmp_path, "--config-file", "c.yaml", log=tmp_path / "log", threads=1)
+    assert list(m) == bench.METRICS and m["AP"] == 1.5 and m["APl"] != m["APl"]
+    # through the module that registers the benchmark's datasets, from the repository root
+    assert commands[0][1:4] == ["-m", "benchmarks.with_fashion_data", "train_net.py"]
+    assert commands[0][-4:] == ["OUTPUT_DIR", str(tmp_path), "NUM_THREADS", "1"]
+    monkeypatch.setattr(bench, "run_logged", lambda cmd, log, threads=0: 0)
+    with pytest.raises(SystemExit, match="no COCO evaluation"):
+        bench.train_net(tmp_path, "--config-file", "c.yaml", log=tmp_path / "log")
+
+
+def test_with_fashion_data_runs_a_script_with_the_benchmark_splits(tmp_path, monkeypatch):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "from detectron2.data import DatasetCatalog\n"
+        "names = [n for n in DatasetCatalog.list() if n.startswith('gkd_fashion')]\n"
+        "open(sys.argv[1], 'w').write(' '.join(sorted(names)))\n"
+    )
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets sys.argv
+    load("with_fashion_data").main([str(script), str(tmp_path / "names")])
+    names = (tmp_path / "names").read_text().split()
+    assert {"gkd_fashion_train", "gkd_fashion_val", "gkd_fashion_train_240"} <= set(names)
 
 
 def test_accuracy_benchmark_cache_key_follows_the_config_chain(tmp_path):

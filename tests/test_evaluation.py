@@ -2,7 +2,7 @@
 
 import math
 
-from gkd_d2.evaluation import flagged_instance_ap, mean_std
+from benchmarks.evaluation import flagged_instance_ap, mean_std
 
 GT = {
     "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"}],
@@ -75,7 +75,7 @@ def test_mean_std():
 
 
 def test_student_t_against_tabulated_values():
-    from gkd_d2.evaluation import student_t_cdf, student_t_quantile
+    from benchmarks.evaluation import student_t_cdf, student_t_quantile
 
     # t_{0.975, df} from the standard tables
     for df, q in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
@@ -88,7 +88,7 @@ def test_student_t_against_tabulated_values():
 def test_paired_difference_by_hand():
     import math
 
-    from gkd_d2.evaluation import paired_difference
+    from benchmarks.evaluation import paired_difference
 
     # the accuracy benchmark's local-only minus GKD differences of 3 seeds (docs/benchmarks.md)
     a, b = [20.38, 20.45, 21.41], [20.30, 20.10, 20.40]

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from conftest import dir_digest
 
-from gkd_d2.data import fashion_scenes as fs
-from gkd_d2.data.fashion_scenes import (
+from benchmarks import fashion_scenes as fs
+from benchmarks.fashion_scenes import (
     FASHION_CLASSES,
+    FASHION_SPLITS,
     FashionSceneSpec,
     generate_fashion_split,
     load_fashion_mnist,
+    register_fashion_datasets,
     render_fashion_scene,
 )
 
@@ -137,13 +139,12 @@ def test_missing_data_raises_with_install_hint(monkeypatch, tmp_path):
         fs.load_backgrounds()
 
 
-def test_registered_tiny_split_loads_as_detectron2_dicts(tmp_path, monkeypatch):
+def test_registered_tiny_split_loads_as_detectron2_dicts():
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.structures import BoxMode
 
-    import gkd_d2  # noqa: F401
-
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    register_fashion_datasets()
+    register_fashion_datasets()  # again: harmless
     dicts = DatasetCatalog.get("gkd_fashion_tiny_val")
     meta = MetadataCatalog.get("gkd_fashion_tiny_val")
     assert len(dicts) == 8 and all(d["height"] == d["width"] == 128 for d in dicts)
@@ -161,8 +162,6 @@ def test_a_shorter_split_is_the_first_images_of_the_longer(tmp_path):
     """gkd_fashion_train_<n> (the benchmark's distillation epochs) relies on a scene's RNG
     being its split, seed and index: n images are the first n of the 3000."""
     from PIL import Image
-
-    from gkd_d2.data.builtin import FASHION_SPLITS
 
     short = generate_fashion_split(tmp_path, "train", FashionSceneSpec(4, 128, max_side=64), 0)
     long = generate_fashion_split(tmp_path, "train", FashionSceneSpec(7, 128, max_side=64), 0)

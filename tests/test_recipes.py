@@ -73,7 +73,7 @@ def test_quickstart_recipes_hold_at_inference(tmp_path, detector, config, iters)
 
 
 def _benchmark_inputs_missing() -> str:
-    from gkd_d2.data import fashion_scenes as fs
+    from benchmarks import fashion_scenes as fs
     from gkd_d2.modeling import mobilenet
 
     try:
@@ -107,6 +107,9 @@ def test_benchmark_recipe_holds_at_inference(tmp_path, config):
     the FPN and the head), on the tiny Fashion-MNIST split at 128 px."""
     if _gn_head_missing(config):
         pytest.skip("detectron2 0.6 cannot build a GN RetinaNet head (the recipe needs main)")
+    from benchmarks.fashion_scenes import register_fashion_datasets
+
+    register_fashion_datasets()  # the bench configs name gkd_fashion_* splits
     score_key = "RETINANET" if "retinanet" in config else "ROI_HEADS"
     ap, ratios, top = train_and_score(
         REPO / "configs" / "bench" / config,

@@ -1,6 +1,6 @@
-"""Rehearsals of the paper configs (tools/rehearse.py) and their stand-in data and weights."""
+"""Rehearsals of the paper configs (python -m tools.rehearse) and their stand-in data and
+weights."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +12,6 @@ import yaml
 from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_voc_instances
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
@@ -20,8 +19,10 @@ from detectron2.evaluation.pascal_voc_evaluation import parse_rec
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
-import gkd_d2
-from gkd_d2.rehearsal import (
+from gkd_d2.config import load_config
+from gkd_d2.engine.results import read_results, write_results
+from tools import rehearse
+from tools.rehearsal import (
     IMAGE_SIZES,
     MIN_SIDE,
     RehearsalDataError,
@@ -32,10 +33,6 @@ from gkd_d2.rehearsal import (
     write_voc_split,
     write_weights,
 )
-
-spec = importlib.util.spec_from_file_location("rehearse", REPO / "tools" / "rehearse.py")
-rehearse = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(rehearse)
 
 COCO_THINGS = [c for c in COCO_CATEGORIES if c["isthing"]]
 VOC_CLASSES = list(MetadataCatalog.get("voc_2007_trainval").thing_classes)
@@ -85,8 +82,7 @@ def test_stand_in_refuses_a_dataset_that_is_not_builtin_coco_or_voc():
 
 
 def test_c2_names_invert_detectron2s_conversion():
-    cfg = gkd_d2.add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "voc" / "retinanet_R_50_FPN.yaml"))
+    cfg = load_config(str(REPO / "configs" / "voc" / "retinanet_R_50_FPN.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     keys = list(build_model(cfg).backbone.bottom_up.state_dict())
     kept = [k for k in keys if c2_name(k) is not None]
@@ -96,8 +92,7 @@ def test_c2_names_invert_detectron2s_conversion():
 
 
 def r50_retinanet():
-    cfg = gkd_d2.add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "voc" / "retinanet_R_50_FPN.yaml"))
+    cfg = load_config(str(REPO / "configs" / "voc" / "retinanet_R_50_FPN.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg, build_model(cfg)
@@ -146,17 +141,22 @@ def test_calibrated_frozen_bn_normalises_each_layer_and_loads_through_detectron2
             assert torch.equal(v, ours[k]), k
 
 
-def test_copypaste_results_keep_the_last_block_and_nan_as_none():
-    text = (
-        "x copypaste: Task: bbox\nx copypaste: AP,AP50,APs\nx copypaste: 1.0,2.0,nan\n"
-        "x copypaste: Task: bbox\nx copypaste: AP,AP50,APs\nx copypaste: 3.5,4.0,nan\n"
-    )
-    assert rehearse.copypaste_results(text) == {"bbox": {"AP": 3.5, "AP50": 4.0, "APs": None}}
+def test_results_round_trip_and_compare_with_nan_as_none(tmp_path):
+    """train_net.py's results.json: nan is written as null and read back as nan; the rehearsal
+    keeps the summary metrics, nan as None, so that two evaluations compare equal."""
+    results = {"bbox": {"AP": 3.5, "AP50": 4.0, "APs": float("nan"), "AP-circle": 7.0}}
+    write_results(str(tmp_path), results)
+    assert json.loads((tmp_path / "results.json").read_text())["bbox"]["APs"] is None
+    back = read_results(str(tmp_path))
+    assert back["bbox"]["AP"] == 3.5 and back["bbox"]["APs"] != back["bbox"]["APs"]  # nan
+    expected = {"bbox": {"AP": 3.5, "AP50": 4.0, "APs": None}}
+    assert rehearse.final_results(tmp_path) == expected
 
 
 def run_rehearsal(config: str, output) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "DETECTRON2_DATASETS"}
-    cmd = [sys.executable, str(REPO / "tools" / "rehearse.py"), "--config-file", config]
+    # a module run from the repository root: it imports tools/rehearsal.py
+    cmd = [sys.executable, "-m", "tools.rehearse", "--config-file", config]
     return subprocess.run(
         [*cmd, "--output", str(output)], cwd=REPO, env=env, capture_output=True, text=True
     )

@@ -2,10 +2,13 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import dir_digest
+from conftest import REPO, dir_digest
 
 from gkd_d2.data import SHAPE_CLASSES, SceneSpec, generate_split, render_scene
 
@@ -108,11 +111,55 @@ def test_ground_truth_scores_ap_one_with_pycocotools(tmp_path):
     assert ev.stats[1] == pytest.approx(1.0)  # AP50
 
 
+# run in a fresh interpreter: which datasets `import gkd_d2` registers, and which directories
+# and files outside Python's installation and the working directory it lists or opens
+IMPORT_PROBE = """
+import json, os, sys, tempfile
+touched = []
+sys.addaudithook(
+    lambda event, args: touched.append(str(args[0]))
+    if event in ("os.listdir", "os.scandir", "open") and args and isinstance(args[0], str)
+    else None
+)
+from detectron2.data import DatasetCatalog
+before = set(DatasetCatalog.list())
+import gkd_d2
+roots = [os.path.abspath(p) for p in sys.path if p] + [sys.prefix, sys.base_prefix, os.getcwd()]
+outside = [
+    p for p in touched
+    if not os.path.abspath(p).startswith((*roots, tempfile.gettempdir(), "/proc/", "/dev/"))
+]
+print(json.dumps({"added": sorted(set(DatasetCatalog.list()) - before), "outside": outside}))
+"""
+
+
+def test_import_registers_the_quickstart_splits_and_reads_nothing_outside(tmp_path):
+    """``import gkd_d2``: the quick-start splits only (the tests' and the benchmark's register
+    elsewhere), generated on first load, and no directory outside the project listed (the
+    Fashion-MNIST benchmark's background photos are listed when the benchmark registers)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["DETECTRON2_DATASETS"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["added"] == ["gkd_scenes_train", "gkd_scenes_val"]
+    assert probe["outside"] == []
+    assert list(tmp_path.iterdir()) == []  # nothing generated
+
+
 def test_registered_dataset_loads_as_detectron2_dicts():
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.structures import BoxMode
-
-    import gkd_d2  # noqa: F401
 
     dicts = DatasetCatalog.get("gkd_scenes_tiny_train")
     meta = MetadataCatalog.get("gkd_scenes_tiny_train")
@@ -123,3 +170,24 @@ def test_registered_dataset_loads_as_detectron2_dicts():
     assert {a["category_id"] for a in annos} <= set(range(len(SHAPE_CLASSES)))
     assert all({"occluded", "blurred", "visible_fraction"} <= a.keys() for a in annos)
     assert all(d["height"] == d["width"] == 128 for d in dicts)
+
+
+def test_opencv_is_needed_only_to_generate(tmp_path):
+    """`pip install -e .` installs no OpenCV (a detectron2 user has one under one of its
+    names): without it gkd_d2 imports, and only the scene generator asks for it, naming the
+    package to install."""
+    code = (
+        "import sys; sys.modules['cv2'] = None\n"
+        "import numpy as np, gkd_d2\n"
+        "from gkd_d2.data.scenes import SceneSpec, render_scene\n"
+        "try:\n"
+        "    render_scene(SceneSpec(num_images=1), np.random.default_rng(0))\n"
+        "except ImportError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ERROR" in out.stdout and "pip install opencv-python-headless" in out.stdout

@@ -34,42 +34,33 @@ def format_table(rows: list[tuple[str, dict, float]]) -> str:
     return "\n".join(lines)
 
 
-def run_train_net(*argv: str) -> tuple[dict, float]:
-    """Run train_net.py (output streamed through); return its final COCO bbox metrics, parsed
-    from detectron2's 'copypaste' lines, and its wall time in minutes."""
+def run_train_net(output_dir: Path, *argv: str) -> tuple[dict, float]:
+    """Run train_net.py into ``output_dir`` (its output shown as it runs); return its final COCO
+    bbox metrics (the ``results.json`` it writes there) and its wall time in minutes."""
+    from gkd_d2.engine.results import read_results
+
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "train_net.py", *argv],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    values = None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        if (
-            "copypaste: " in line
-            and line.split("copypaste: ")[1][:1].isdigit()
-            or "copypaste: nan" in line
-        ):
-            values = [float(v) for v in line.split("copypaste: ")[1].strip().split(",")]
-    if proc.wait() != 0:
-        raise SystemExit(f"demo: train_net.py {' '.join(argv)} failed (exit {proc.returncode})")
-    if values is None:
-        raise SystemExit(f"demo: train_net.py {' '.join(argv)} printed no COCO evaluation")
-    return dict(zip(COLUMNS, values)), (time.perf_counter() - start) / 60
+    results = output_dir / "results.json"
+    results.unlink(missing_ok=True)  # a previous run's figures must not pass for this one's
+    cmd = [sys.executable, "train_net.py", *argv, "OUTPUT_DIR", str(output_dir)]
+    sys.stdout.flush()  # the run's output follows ours, in order
+    returncode = subprocess.run(cmd, cwd=REPO, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        raise SystemExit(f"demo: train_net.py {' '.join(argv)} failed (exit {returncode})")
+    try:
+        metrics = read_results(str(output_dir))["bbox"]
+    except (FileNotFoundError, KeyError):
+        raise SystemExit(f"demo: train_net.py {' '.join(argv)} wrote no COCO evaluation") from None
+    return metrics, (time.perf_counter() - start) / 60
 
 
 def plain_architecture(config_file: str) -> str:
     """The detectron2 meta-architecture of a GKD config's student trained alone."""
-    from detectron2.config import get_cfg
     from detectron2.modeling import META_ARCH_REGISTRY
 
-    import gkd_d2  # noqa: F401  (registers the GKD meta-architectures)
+    from gkd_d2.config import load_config  # (importing gkd_d2 registers its meta-architectures)
 
-    cfg = gkd_d2.add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(REPO / config_file))
+    cfg = load_config(str(REPO / config_file))
     return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE).plain_architecture
 
 
@@ -87,19 +78,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     if ns.retrain_teacher or not weights.is_file():
-        metrics, minutes = run_train_net(
-            "--config-file", ns.teacher_config, "OUTPUT_DIR", str(teacher_dir)
-        )
+        metrics, minutes = run_train_net(teacher_dir, "--config-file", ns.teacher_config)
         rows.append(("teacher (trained now)", metrics, minutes))
     else:
         metrics, minutes = run_train_net(
+            ns.output / "demo_teacher_eval",
             "--config-file",
             ns.teacher_config,
             "--eval-only",
             "MODEL.WEIGHTS",
             str(weights),
-            "OUTPUT_DIR",
-            str(ns.output / "demo_teacher_eval"),
         )
         rows.append((f"teacher (cached {weights.relative_to(ns.output.parent)})", metrics, minutes))
 
@@ -114,23 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         str(n),
     ]
     metrics, minutes = run_train_net(
+        ns.output / "demo_student_alone",
         "--config-file",
         ns.student_config,
         "MODEL.META_ARCHITECTURE",
         plain_architecture(ns.student_config),
         *schedule,
-        "OUTPUT_DIR",
-        str(ns.output / "demo_student_alone"),
     )
     rows.append((f"student alone, {n} it", metrics, minutes))
     metrics, minutes = run_train_net(
+        ns.output / "demo_gkd_student",
         "--config-file",
         ns.student_config,
         "MODEL.TEACHER.WEIGHTS",
         str(weights),
         *schedule,
-        "OUTPUT_DIR",
-        str(ns.output / "demo_gkd_student"),
     )
     rows.append((f"GKD student, {n} it", metrics, minutes))
 

@@ -15,8 +15,8 @@ removed, so that stock detectron2 reads it:
 
 (or detectron2's own ``DefaultPredictor``). Backbones that gkd_d2 registers (the basic-block
 ResNets of the CPU quickstarts) still need ``import gkd_d2`` before ``build_model``; a
-MobileNetV2 student's config keeps ``MODEL.MOBILENETV2.*``, so read it into
-``gkd_d2.add_gkd_config(get_cfg())``.
+MobileNetV2 student's config keeps ``MODEL.MOBILENETV2.*``, so read it with
+``gkd_d2.load_config``.
 """
 
 from __future__ import annotations
@@ -24,19 +24,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-# gkd_d2's top-level config keys; everything else is detectron2's
-GKD_KEYS = [("NUM_THREADS",), ("MODEL", "TEACHER"), ("MODEL", "GKD")]
 
 
 class ExportError(RuntimeError):
     """The checkpoint or config cannot give a plain student."""
+
+
+def gkd_keys() -> list[tuple[str, ...]]:
+    """The keys that ``add_gkd_config`` adds to detectron2's default config, as paths (a node
+    that detectron2 lacks, such as ``MODEL.GKD``, is one path): derived, so that a new key of
+    gkd_d2 is never left in an exported config."""
+    from detectron2.config import CfgNode, get_cfg
+
+    from gkd_d2.config import add_gkd_config
+
+    def added(base: CfgNode, ours: CfgNode, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+        out = []
+        for k, v in ours.items():
+            if k not in base:
+                out.append((*path, k))
+            elif isinstance(v, CfgNode):
+                out.extend(added(base[k], v, (*path, k)))
+        return out
+
+    return added(get_cfg(), add_gkd_config(get_cfg()), ())
 
 
 def load_model_state(path: str) -> dict[str, torch.Tensor]:
@@ -65,17 +78,17 @@ def plain_config(cfg, weights: str):
         )
     out = cfg.clone()
     out.defrost()
-    for path in GKD_KEYS:
+    mobilenet = "mobilenetv2" in out.MODEL.BACKBONE.NAME
+    for path in gkd_keys():
+        if mobilenet and path == ("MODEL", "MOBILENETV2"):
+            # gkd_d2's backbone: its keys stay (read them with gkd_d2.load_config); the
+            # ImageNet start weights are not needed, the exported checkpoint holds all weights
+            out.MODEL.MOBILENETV2.PRETRAINED = ""
+            continue
         node = out
         for part in path[:-1]:
             node = node[part]
         node.pop(path[-1], None)
-    if "mobilenetv2" in out.MODEL.BACKBONE.NAME:
-        # gkd_d2's backbone: its keys stay (read them with gkd_d2.add_gkd_config); the ImageNet
-        # start weights are not needed, the exported checkpoint holds all weights
-        out.MODEL.MOBILENETV2.PRETRAINED = ""
-    else:
-        out.MODEL.pop("MOBILENETV2", None)
     out.MODEL.META_ARCHITECTURE = plain
     out.MODEL.WEIGHTS = weights
     return out
@@ -135,14 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder for model_final.pth, config.yaml")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     ns = parser.parse_args(argv)
-    from detectron2.config import get_cfg
-
-    import gkd_d2
-    from gkd_d2.config import ConfigError, merge_config
+    from gkd_d2.config import ConfigError, load_config
 
     try:
-        cfg = gkd_d2.add_gkd_config(get_cfg())
-        merge_config(cfg, ns.config_file, ns.opts)  # unknown keys named, with the closest ones
+        cfg = load_config(ns.config_file, ns.opts)  # unknown keys named, with the closest ones
         export_student(cfg, ns.weights, ns.output)
     except (ConfigError, ExportError) as e:
         print(f"export_student: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@
 #   3. train_net.py --num-gpus 1 on CUDA, a short GKD run, with and without AMP, plus an NCCL
 #      all-reduce (with one GPU detectron2's launch runs in-process, so NCCL is checked apart);
 #   4. the step ratio at a COCO-like size: R101 -> R50 at 800 px, random weights, both detectors
-#      (benchmarks/bench_step.py --device cuda).
+#      (python -m benchmarks.bench_step --device cuda).
 # First, here: bash tools/gpu_prepare.sh (fills .gpu/). There: bash tools/gpu_check.sh, with `.gpu`
 # carried. Figures and logs go to $OUT (default output/gpu_check): summary.txt and the JSONs.
 set -uo pipefail
@@ -44,16 +44,14 @@ step pytest_gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/t
 teacher=$OUT/tiny_teacher.pth
 "$PY" - "$teacher" <<'PY'
 import sys, torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from gkd_d2 import add_gkd_config
-cfg = add_gkd_config(get_cfg())
-cfg.merge_from_file("tests/configs/tiny_retinanet.yaml")
+from gkd_d2 import load_config
+cfg = load_config("tests/configs/tiny_retinanet.yaml")
 torch.manual_seed(0)
 torch.save({"model": build_model(cfg).state_dict()}, sys.argv[1])
 PY
-run_gkd() {  # run_gkd AMP
-    "$PY" train_net.py --config-file tests/configs/tiny_gkd_retinanet.yaml --num-gpus 1 \
+run_gkd() {  # run_gkd AMP; tests/startup registers the tiny config's test-only datasets
+    PYTHONPATH=$PWD/tests/startup:$PWD/tests:$PYTHONPATH "$PY" train_net.py --config-file tests/configs/tiny_gkd_retinanet.yaml --num-gpus 1 \
         MODEL.DEVICE cuda MODEL.TEACHER.WEIGHTS "$teacher" SOLVER.AMP.ENABLED "$1" \
         SOLVER.MAX_ITER 20 OUTPUT_DIR "$OUT/gkd_amp_$1"
 }
@@ -65,7 +63,7 @@ dist.init_process_group('nccl', init_method='tcp://127.0.0.1:29511', world_size=
 x = torch.ones(4, device='cuda'); dist.all_reduce(x); assert x.sum().item() == 4
 print('nccl', torch.cuda.nccl.version()); dist.destroy_process_group()"
 for det in retinanet faster_rcnn; do
-    step "step_${det}_800" "$PY" benchmarks/bench_step.py --detector "$det" --device cuda \
+    step "step_${det}_800" "$PY" -m benchmarks.bench_step --detector "$det" --device cuda \
         --size 800 --teacher-depth 101 --student-depth 50 --json "$OUT/step_gpu_${det}_800.json"
 done
 grep -h '"ratio' "$OUT"/step_gpu_*.json >>"$OUT/summary.txt" 2>/dev/null

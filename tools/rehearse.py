@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Rehearse a paper-protocol config end to end, at its real input size, on tiny stand-in data.
 
-    python tools/rehearse.py --config-file configs/gkd.yaml [--output output/rehearsal/gkd]
+    python -m tools.rehearse --config-file configs/gkd.yaml [--output output/rehearsal/gkd]
+
+(from the repository root: it imports its sibling ``tools/rehearsal.py``).
 
 The config runs exactly as shipped through ``train_net.py`` (800-px input, 80 COCO / 20 VOC
 classes, R101 teacher, R50 student, the prototype refresh every epoch), with only these
@@ -10,7 +12,7 @@ overrides:
 * data: ``DETECTRON2_DATASETS`` points at a folder where the config's own datasets
   (``coco_2017_train``, ``voc_2007_trainval``, ...) are written in detectron2's layouts with
   their real category sets and ids: 4 training images of COCO sizes holding every class, 2 test
-  images (``gkd_d2/rehearsal.py``);
+  images (``tools/rehearsal.py``);
 * weights: ``MODEL.WEIGHTS`` and ``MODEL.TEACHER.WEIGHTS`` are local files of the same
   architectures from random init (each FrozenBN's scale and bias set from one pass over two
   stand-in images, as trained statistics would be: detectron2's identity FrozenBN lets R101's
@@ -29,7 +31,8 @@ overrides:
 Stages: data, weights, train (teacher load and check, first refresh over all classes and
 levels, 3 iterations, second refresh, final evaluation), resume, eval-only, export, and the
 export evaluated by stock detectron2 alone (no gkd_d2 import), which must give the eval-only
-AP. A failure names the stage, the config keys or file it depends on, and the log. Writes
+AP. A failure names the stage, the config keys or file it depends on, and the log. The results
+compared are each run's ``results.json`` (train_net.py's final evaluation). Writes
 ``OUTPUT/summary.json``.
 """
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -91,16 +95,21 @@ def run(cmd: list[str], log: Path, env: dict, stage: str, config: str) -> str:
     return log.read_text(errors="replace")
 
 
-def copypaste_results(text: str) -> dict[str, dict[str, float]]:
-    """The last ``copypaste:`` block of each task in a log (detectron2's print_csv_format)."""
-    out: dict[str, dict[str, float]] = {}
-    lines = [ln.split("copypaste: ", 1)[1] for ln in text.splitlines() if "copypaste: " in ln]
-    for i, line in enumerate(lines):
-        if line.startswith("Task: ") and i + 2 < len(lines):
-            keys, values = lines[i + 1].split(","), lines[i + 2].split(",")
-            # nan (no ground truth of a size) as None, so that results compare equal
-            out[line[6:]] = {k: None if v == "nan" else float(v) for k, v in zip(keys, values)}
-    return out
+def final_results(output_dir: Path) -> dict[str, dict[str, float | None]]:
+    """The summary metrics (AP, AP50, ...; not the per-class ``AP-<class>``) per task of the
+    ``results.json`` a run wrote to ``output_dir``."""
+    from gkd_d2.engine.results import read_results
+
+    return {
+        task: {
+            # nan (no ground truth of a size) as None, so that results compare equal and
+            # summary.json stays strict JSON
+            k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in metrics.items()
+            if "-" not in k
+        }
+        for task, metrics in read_results(str(output_dir)).items()
+    }
 
 
 def plain_eval(config: str) -> int:
@@ -114,7 +123,7 @@ def plain_eval(config: str) -> int:
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
 
-    setup_logger(name="detectron2")  # prints the results' copypaste lines
+    setup_logger(name="detectron2")  # the evaluation's tables in plain_eval.log
     cfg = get_cfg()
     cfg.merge_from_file(config)
     if not torch.cuda.is_available():
@@ -122,22 +131,31 @@ def plain_eval(config: str) -> int:
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     name = cfg.DATASETS.TEST[0]
+    out = os.path.join(cfg.OUTPUT_DIR, "plain_eval")
     if MetadataCatalog.get(name).evaluator_type == "pascal_voc":
         evaluator = PascalVOCDetectionEvaluator(name)
     else:
-        evaluator = COCOEvaluator(name, output_dir=os.path.join(cfg.OUTPUT_DIR, "plain_eval"))
-    DefaultTrainer.test(cfg, model, evaluators=[evaluator])
+        evaluator = COCOEvaluator(name, output_dir=out)
+    results = DefaultTrainer.test(cfg, model, evaluators=[evaluator])
     assert "gkd_d2" not in sys.modules, "the plain evaluation imported gkd_d2"
+    # train_net.py's results.json format (null for nan), written without gkd_d2's write_results:
+    # importing gkd_d2 here would defeat the stage
+    plain = {
+        task: {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+        for task, metrics in results.items()
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(plain, f, indent=1)
     return 0
 
 
 def rehearse(config: str, output: Path) -> dict:
     import torch
-    from detectron2.config import get_cfg
 
-    import gkd_d2
+    from gkd_d2.config import load_config
     from gkd_d2.engine.teacher_check import parse_teacher_check
-    from gkd_d2.rehearsal import RehearsalDataError, write_builtin_splits, write_stand_in_weights
+    from tools.rehearsal import RehearsalDataError, write_builtin_splits, write_stand_in_weights
 
     output.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DETECTRON2_DATASETS=os.environ["DETECTRON2_DATASETS"])
@@ -145,8 +163,7 @@ def rehearse(config: str, output: Path) -> dict:
     summary: dict = {"config": config, "output": str(output), "seconds": timings}
 
     start = time.perf_counter()
-    cfg = gkd_d2.add_gkd_config(get_cfg())
-    gkd_d2.config.merge_config(cfg, str(REPO / config), [])
+    cfg = load_config(str(REPO / config))
     try:
         summary["data"] = write_builtin_splits(
             list(cfg.DATASETS.TRAIN),
@@ -250,7 +267,7 @@ def rehearse(config: str, output: Path) -> dict:
             f"(level, class) pairs without prototypes: {empty[:10]}",
             output / "train.log",
         )
-    summary["train_results"] = copypaste_results(text)
+    summary["train_results"] = final_results(train_dir)
 
     text = stage(
         "resume",
@@ -287,7 +304,7 @@ def rehearse(config: str, output: Path) -> dict:
         )
 
     final = train_dir / "model_final.pth"
-    text = stage(
+    stage(
         "eval-only",
         train_net,
         "--config-file",
@@ -299,7 +316,7 @@ def rehearse(config: str, output: Path) -> dict:
         "OUTPUT_DIR",
         str(output / "eval"),
     )
-    summary["eval_only"] = copypaste_results(text)
+    summary["eval_only"] = final_results(output / "eval")
 
     export_dir = output / "student"
     stage(
@@ -316,13 +333,8 @@ def rehearse(config: str, output: Path) -> dict:
         str(output / "plain"),
     )
 
-    text = stage(
-        "plain-eval",
-        str(REPO / "tools" / "rehearse.py"),
-        "--plain-eval",
-        str(export_dir / "config.yaml"),
-    )
-    summary["plain_eval"] = copypaste_results(text)
+    stage("plain-eval", "-m", "tools.rehearse", "--plain-eval", str(export_dir / "config.yaml"))
+    summary["plain_eval"] = final_results(output / "plain" / "plain_eval")
     if not summary["eval_only"] or summary["plain_eval"] != summary["eval_only"]:
         raise fail(
             "plain-eval",

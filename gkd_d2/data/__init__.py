@@ -1,32 +1,22 @@
-"""Datasets of gkd_d2: the embedded scene generator and its detectron2 registration."""
+"""Datasets of gkd_d2: the quick-start scene generator and its detectron2 registration."""
 
 from .builtin import (
-    EMBEDDED_SPLITS,
-    FASHION_SPLITS,
-    ensure_split,
-    register_embedded_datasets,
-    split_dir,
-)
-from .fashion_scenes import (
-    FASHION_CLASSES,
-    FashionSceneSpec,
-    generate_fashion_split,
-    render_fashion_scene,
+    QUICKSTART_SPLITS,
+    register_generated_split,
+    register_quickstart_datasets,
+    register_scene_split,
+    scenes_root,
 )
 from .scenes import SHAPE_CLASSES, SceneSpec, generate_split, render_scene
 
 __all__ = [
-    "EMBEDDED_SPLITS",
-    "FASHION_CLASSES",
-    "FASHION_SPLITS",
-    "FashionSceneSpec",
+    "QUICKSTART_SPLITS",
     "SHAPE_CLASSES",
     "SceneSpec",
-    "ensure_split",
-    "generate_fashion_split",
     "generate_split",
-    "register_embedded_datasets",
-    "render_fashion_scene",
+    "register_generated_split",
+    "register_quickstart_datasets",
+    "register_scene_split",
     "render_scene",
-    "split_dir",
+    "scenes_root",
 ]

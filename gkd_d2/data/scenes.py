@@ -20,12 +20,24 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
 GENERATOR_VERSION = 2
 _SUPERSAMPLE = 4  # masks are drawn 4x larger and area-downsampled: anti-aliased edges
+
+
+def _import_cv2():
+    """OpenCV, imported when the generator first draws, not on ``import gkd_d2``: `pip install -e .`
+    installs no OpenCV, since it would clash with the one a detectron2 user has."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError(
+            "gkd_d2's scene generator (the quick-start datasets gkd_scenes_*) needs OpenCV: "
+            "pip install opencv-python-headless (or opencv-python; one of them, not both)"
+        ) from e
+    return cv2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +59,7 @@ class SceneSpec:
 
 def _shape_mask(cls: str, w: int, h: int, angle: float, rng: np.random.Generator) -> np.ndarray:
     """Anti-aliased alpha mask (h, w) float32 in [0, 1] of one object that fills its box."""
+    cv2 = _import_cv2()
     s = _SUPERSAMPLE
     W, H = w * s, h * s
     canvas = np.zeros((H, W), np.uint8)
@@ -93,6 +106,7 @@ def _shape_mask(cls: str, w: int, h: int, angle: float, rng: np.random.Generator
 
 def _background(size: int, n_distractors: int, rng: np.random.Generator) -> np.ndarray:
     """(size, size, 3) float32 image in [0, 255]: gradient, low-frequency noise, distractors."""
+    cv2 = _import_cv2()
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     c0, c1 = rng.uniform(30, 220, 3), rng.uniform(30, 220, 3)
     d = rng.uniform(-1, 1, 2)
@@ -200,6 +214,7 @@ def render_scene(
         ``occluded`` and ``blurred``; with ``return_masks`` also the (S, S) bool masks
         ``full_mask`` (alpha > 0.5) and ``visible_mask``.
     """
+    cv2 = _import_cv2()
     S = spec.image_size
     img = _background(S, spec.num_distractors, rng)
     n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
@@ -269,6 +284,7 @@ def write_coco_split(
     """
     if (out / "annotations.json").is_file():
         return out
+    cv2 = _import_cv2()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)

@@ -1,6 +1,8 @@
 """Loss terms of GKD's RDM: robust fg/bg feature imitation, soft-label KD, global alignment.
 
-Spec: ../shared/docs/gkd-method.md sections 4.3, 4.4, 4.6 (and pitfalls 8, 10, 15).
+The terms, their normalisers and weights are the official code's (hikvision-research/
+DAVAR-Lab-ML, ECCV22_Distilling_Object_Detectors_with_Global_Knowledge); each function says where
+it departs from it and why (overlapping boxes, batches without positives).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Prototype selection of the PGM: density filter and joint matching pursuit, per (class, level).
 
-Spec: ../shared/docs/gkd-method.md section 3.3 (and pitfall 6). All math in fp32.
+The official code (hikvision-research/DAVAR-Lab-ML,
+ECCV22_Distilling_Object_Detectors_with_Global_Knowledge) runs the pursuit in fp16 and builds
+K x C x N reconstructions; here all math is in fp32 and the pursuit keeps only K x N
+correlations (the closed-form score), which picks the same atoms in O(K N) memory.
 """
 
 from __future__ import annotations

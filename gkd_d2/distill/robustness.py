@@ -1,6 +1,9 @@
 """Global knowledge of the RDM: representation by prototypes, and the robustness weight r.
 
-Spec: ../shared/docs/gkd-method.md sections 4.1 and 4.2 (and pitfalls 8, 15).
+As in the official code (hikvision-research/DAVAR-Lab-ML,
+ECCV22_Distilling_Object_Detectors_with_Global_Knowledge, ``template_box_distance``): plain
+cosines to every prototype of a level, and r from the best match of the instance's own class in
+each space.
 Prototypes of one level are stored as a (K * M, C) matrix with class blocks in class order and
 ``starts`` (K + 1,) such that class c owns rows starts[c]:starts[c + 1] (a block may be empty).
 """

@@ -1,6 +1,8 @@
 """Train the tiny config in N CPU processes via gkd_d2's launcher; each rank saves its weights.
 
 python tests/helpers/dist_train.py OUT_DIR NUM_PROCS [KEY VALUE ...]
+
+(with conftest.TINY_ENV, which registers the tiny test splits in every process)
 """
 
 import sys

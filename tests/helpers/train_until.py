@@ -1,6 +1,8 @@
 """Train a config but stop before iteration STOP, as if the run were killed after a checkpoint.
 
 python tests/helpers/train_until.py STOP CONFIG [KEY VALUE ...]
+
+(with conftest.TINY_ENV, which registers the tiny test splits)
 """
 
 import sys

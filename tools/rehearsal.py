@@ -1,7 +1,7 @@
-"""Stand-ins for rehearsing the paper configs (``tools/rehearse.py``,
-``benchmarks/bench_refresh.py --stand-in-data``) without their data and weights: tiny COCO and
-PASCAL VOC splits in the layouts detectron2's builtin datasets read, and random-init weights of
-the configured architectures in detectron2's checkpoint formats.
+"""Stand-ins for rehearsing the paper configs (``python -m tools.rehearse``,
+``python -m benchmarks.bench_refresh --stand-in-data``) without their data and weights: tiny
+COCO and PASCAL VOC splits in the layouts detectron2's builtin datasets read, and random-init
+weights of the configured architectures in detectron2's checkpoint formats.
 
 Point ``DETECTRON2_DATASETS`` at a folder, write the splits a config names
 (``write_builtin_splits``), and detectron2's own registrations (``coco_2017_train``,
@@ -310,7 +310,7 @@ def write_stand_in_weights(cfg, out: Path) -> tuple[Path, Path, dict[str, int]]:
     import torch
     from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
-    from .teacher import load_teacher_cfg
+    from gkd_d2.teacher import load_teacher_cfg
 
     torch.manual_seed(0)
     cpu = cfg.clone()
