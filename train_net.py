@@ -18,6 +18,7 @@ from detectron2.utils import comm
 import gkd_d2  # noqa: F401  (registers datasets and models)
 from gkd_d2.checkpoint import GKDCheckpointer
 from gkd_d2.engine import Trainer, launch, setup_cfg
+from gkd_d2.engine.results import write_results
 
 
 def main(args: argparse.Namespace) -> dict | None:
@@ -32,10 +33,15 @@ def main(args: argparse.Namespace) -> dict | None:
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
+            write_results(cfg.OUTPUT_DIR, res)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    res = trainer.train()
+    if res and comm.is_main_process():
+        # OUTPUT_DIR/results.json: the final evaluation, for tools to read (read_results)
+        write_results(cfg.OUTPUT_DIR, res)
+    return res
 
 
 if __name__ == "__main__":

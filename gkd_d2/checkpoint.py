@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
+
+from .compat import FileReadingCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -154,30 +154,64 @@ def read_pth(path: str) -> Any:
     ) from None
 
 
-def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file and a rename, so that a crash mid-write leaves
-    the previous file (and no truncated one) under that name."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+class AtomicFile:
+    """A file opened for writing whose content appears under its name only when it is closed
+    without an exception: it is written to ``path.tmp``, synced, then renamed over ``path``, so
+    that a crash mid-write leaves the previous file (and no truncated one) under that name."""
+
+    def __init__(self, path: str, mode: str):
+        self.path, self.tmp = path, f"{path}.tmp"
+        self.file = open(self.tmp, mode)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
 
 
-class GKDCheckpointer(DetectionCheckpointer):
+class AtomicWrites:
+    """A path manager (iopath's interface) that opens local files for writing as
+    :class:`AtomicFile`; everything else goes to the wrapped path manager."""
+
+    def __init__(self, path_manager: Any):
+        self.path_manager = path_manager
+
+    def open(self, path: str, mode: str = "r", **kwargs: Any) -> Any:
+        if "w" in mode and "://" not in path:
+            return AtomicFile(path, mode)
+        return self.path_manager.open(path, mode, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.path_manager, name)
+
+
+class GKDCheckpointer(FileReadingCheckpointer):
     """detectron2's DetectionCheckpointer that reads ``.pth`` files weights-only
     (:func:`read_pth`), names a missing, truncated or corrupt file and says what to do, and
-    writes checkpoints and ``last_checkpoint`` atomically (local folders).
+    writes checkpoints and ``last_checkpoint`` atomically (local folders; fvcore's own ``save``
+    writes through :class:`AtomicWrites`).
 
-    ``.pkl`` (detectron2 and Caffe2 model zoo) and ``.pyth`` (pycls) files still go through
-    detectron2's ``DetectionCheckpointer._load_file``, which unpickles ``.pkl`` files with
-    ``pickle.load``: only load those from sources you trust.
+    ``.pkl`` (detectron2 and Caffe2 model zoo) and ``.pyth`` (pycls) files are still read by
+    detectron2, which unpickles ``.pkl`` files with ``pickle.load``: only load those from
+    sources you trust.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.path_manager = AtomicWrites(self.path_manager)
 
     def load(self, path: str, checkpointables: list[str] | None = None) -> dict:
         # fvcore asserts "Checkpoint ... not found!" itself: name the nearest ones instead
@@ -185,10 +219,10 @@ class GKDCheckpointer(DetectionCheckpointer):
             raise CheckpointLoadError(missing_checkpoint_message(path))
         return super().load(path, checkpointables=checkpointables)
 
-    def _load_file(self, filename: str) -> dict:
+    def read_file(self, filename: str) -> dict:
         if filename.endswith((".pkl", ".pyth")):
             try:
-                return super()._load_file(filename)
+                return super().read_file(filename)
             except Exception as e:
                 raise CheckpointLoadError(
                     f"Checkpoint {filename!r} is truncated or corrupt, or not a detectron2/"
@@ -202,31 +236,6 @@ class GKDCheckpointer(DetectionCheckpointer):
             )
         # DetectionCheckpointer's rule: a bare state dict is the model's
         return loaded if "model" in loaded else {"model": loaded}
-
-    def _is_local(self) -> bool:
-        return bool(self.save_dir) and "://" not in self.save_dir
-
-    def save(self, name: str, **kwargs: Any) -> None:
-        if not self._is_local():
-            return super().save(name, **kwargs)
-        if not self.save_to_disk:
-            return
-        # the same content as fvcore's Checkpointer.save
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        path = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {path}")
-        _atomic_write(path, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if not self._is_local():
-            return super().tag_last_checkpoint(last_filename_basename)
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
     def _other_checkpoints(self, path: str) -> list[str]:
         others = [os.path.basename(f) for f in self.get_all_checkpoint_files()]

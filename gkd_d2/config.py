@@ -15,8 +15,10 @@ from detectron2.utils.file_io import PathManager
 def add_gkd_config(cfg: CN) -> CN:
     """Add gkd_d2's keys, with their defaults, to a detectron2 config in place; return it.
 
-    Defaults are the paper's / official code's values (../shared/docs/gkd-method.md section 5);
-    every deviation from the official code is a switch below. README.md documents every key.
+    Defaults are the official code's values (hikvision-research/DAVAR-Lab-ML,
+    ECCV22_Distilling_Object_Detectors_with_Global_Knowledge,
+    configs/faster_rcnn_coco_kd_config.py); every deviation from the official code is a switch
+    below. docs/usage.md (Configs) documents every key.
     """
     # torch intra-op threads per training process on the CPU. 0 keeps torch's default for one
     # process and uses 1 per process when --num-gpus N spawns CPU processes.
@@ -158,11 +160,62 @@ def merge_config(cfg: CfgNode, config_file: str | None = None, opts: Sequence = 
                 close = _closest_keys(key, _flat_keys(cfg))
                 hint = (f" Did you mean {' or '.join(close)}?" if close else "") + (
                     " detectron2's keys are in detectron2/config/defaults.py, gkd_d2's in "
-                    "gkd_d2/config.py (README: gkd_d2's own keys)."
+                    "gkd_d2/config.py (docs/usage.md, Configs)."
                 )
             elif "Type mismatch" in msg:
                 hint = " Give a value of the key's type (quote lists and tuples: '(\"a\",)')."
             raise ConfigError(f"Cannot merge {source}: {msg.rstrip('.!')}.{hint}") from None
+        if merge == cfg.merge_from_file and "TEACHER" in cfg.MODEL:
+            resolve_teacher_config_file(cfg, arg)
+
+
+def _yaml_setting_teacher_config(config_file: str) -> str | None:
+    """The file of ``config_file``'s ``_BASE_`` chain whose MODEL.TEACHER.CONFIG_FILE ends up
+    in the merged config (the most derived one that sets it), or None."""
+    import yaml
+
+    with PathManager.open(config_file) as f:
+        data = yaml.safe_load(f) or {}
+    teacher = (data.get("MODEL") or {}).get("TEACHER") or {}
+    if "CONFIG_FILE" in teacher:
+        return config_file
+    base = data.get("_BASE_")
+    if not base:
+        return None
+    # detectron2's rule for _BASE_: relative to the yaml that names it, unless absolute or a URL
+    if not (base.startswith("/") or "://" in base):
+        base = os.path.join(os.path.dirname(config_file), base)
+    return _yaml_setting_teacher_config(base)
+
+
+def resolve_teacher_config_file(cfg: CfgNode, config_file: str) -> None:
+    """Resolve a relative MODEL.TEACHER.CONFIG_FILE set by ``config_file`` (or a yaml of its
+    ``_BASE_`` chain) as ``_BASE_`` is resolved: relative to the yaml that names it. Where no
+    such file exists the value stays as it is (a path from the current folder, or a detectron2
+    model-zoo name, which ``gkd_d2.teacher`` tries next)."""
+    name = cfg.MODEL.TEACHER.CONFIG_FILE
+    if not name or os.path.isabs(name) or "://" in name:
+        return
+    origin = _yaml_setting_teacher_config(config_file)
+    if origin is None:
+        return
+    candidate = os.path.join(os.path.dirname(origin), name)
+    if os.path.isfile(candidate):
+        cfg.MODEL.TEACHER.CONFIG_FILE = os.path.abspath(candidate)
+
+
+def load_config(config_file: str | None = None, opts: Sequence = ()) -> CfgNode:
+    """detectron2's default config with gkd_d2's keys, ``config_file`` and ``KEY VALUE``
+    overrides merged (:func:`merge_config`); not frozen. Every script builds its config here.
+
+    Raises:
+        ConfigError: a missing config file, an unknown key or a value of the wrong type, named.
+    """
+    from detectron2.config import get_cfg
+
+    cfg = add_gkd_config(get_cfg())
+    merge_config(cfg, config_file, opts)
+    return cfg
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,6 +253,6 @@ def check_supported(cfg: CfgNode, where: str) -> None:
             f"{where}: MODEL.RETINANET.NORM 'GN' cannot be built by the installed detectron2 "
             "(0.6's RetinaNetHead makes GroupNorm(32, 1): 'num_channels (1) must be divisible "
             "by num_groups (32)'). detectron2 main fixed it: install it with `make install` "
-            "(DETECTRON2_SOURCE unset, see README 'Install'), or set MODEL.RETINANET.NORM to '' "
-            "(detectron2's default) or 'BN'"
+            "(DETECTRON2_SOURCE unset, see README 'Installation'), or set "
+            "MODEL.RETINANET.NORM to '' (detectron2's default) or 'BN'"
         )

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.model_zoo import get_config_file
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
@@ -37,17 +36,23 @@ class TeacherLoadError(RuntimeError):
 
 
 def _resolve_config_file(name: str) -> str:
-    """A local yaml path as is, else the path of a detectron2 model-zoo config of that name."""
+    """A yaml path as is (``merge_config`` has already made a path that a yaml names relative
+    to that yaml), else the path of a detectron2 model-zoo config of that name."""
     if os.path.isfile(name):
         return name
+    # imported here: model_zoo imports pkg_resources, which setuptools >= 81 lacks, and a
+    # teacher config given as a path never needs it
+    from detectron2.model_zoo import get_config_file
+
     try:
         return get_config_file(name)
     except RuntimeError:
         # get_config_file raises RuntimeError for an unknown name; a missing path is the
         # user's real problem, so say that.
         raise FileNotFoundError(
-            f"MODEL.TEACHER.CONFIG_FILE={name!r} is neither a file nor a detectron2 model-zoo "
-            "config (e.g. 'COCO-Detection/retinanet_R_101_FPN_3x.yaml')"
+            f"MODEL.TEACHER.CONFIG_FILE={name!r} is neither a file (a path relative to the yaml "
+            "that names it, or to the current folder) nor a detectron2 model-zoo config (e.g. "
+            "'COCO-Detection/retinanet_R_101_FPN_3x.yaml')"
         ) from None
 
 
@@ -135,7 +140,7 @@ def load_teacher_weights(model: nn.Module, weights: str, allow_partial: bool) ->
     except Exception as e:  # undownloadable: say which file, keep the cause
         raise TeacherLoadError(f"Cannot fetch teacher weights {weights!r}: {e}") from e
     try:
-        checkpoint = checkpointer._load_file(local)
+        checkpoint = checkpointer.read_file(local)
     except CheckpointLoadError as e:  # truncated, corrupt or unsafe: the message says which
         raise TeacherLoadError(
             f"{e}\nIt is MODEL.TEACHER.WEIGHTS: point it at a good copy of the teacher's "
@@ -143,7 +148,7 @@ def load_teacher_weights(model: nn.Module, weights: str, allow_partial: bool) ->
         ) from None
     # The load_state_dict below is non-strict (fvcore drops wrong-shape tensors before it), so the
     # strictness a teacher needs is enforced on the returned key lists.
-    incompatible = checkpointer._load_model(checkpoint)
+    incompatible = checkpointer.load_model_weights(checkpoint)
     if not (
         incompatible.missing_keys or incompatible.unexpected_keys or incompatible.incorrect_shapes
     ):

@@ -3,15 +3,13 @@
 import pytest
 import torch
 from conftest import REPO
-from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
-import gkd_d2  # noqa: F401
+from gkd_d2 import load_config
 
 
 def quickstart_cfg(**resnets):
-    cfg = get_cfg()
-    cfg.merge_from_file(str(REPO / "configs" / "quickstart_retinanet_cpu.yaml"))
+    cfg = load_config(str(REPO / "configs" / "quickstart_retinanet_cpu.yaml"))
     for k, v in resnets.items():
         cfg.MODEL.RESNETS[k] = v
     return cfg

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_CONFIG, setup_test_cfg, tiny_inputs
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage, get_event_storage
 
 import gkd_d2  # noqa: F401  (registers datasets and models)
-from gkd_d2 import add_gkd_config
+from gkd_d2 import load_config
 from gkd_d2.checkpoint import CheckpointLoadError, GKDCheckpointer, read_pth
 from gkd_d2.config import ConfigError
 from gkd_d2.engine import Trainer, launch
@@ -41,10 +40,7 @@ def E(path) -> str:
 
 
 def model_cfg(config_file, *opts):
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return load_config(str(config_file), opts)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,7 @@ def test_missing_teacher_weights_say_how_to_get_them(tmp_path):
     with pytest.raises(
         TeacherLoadError,
         match=rf"{E(missing)}.*MODEL\.TEACHER\.WEIGHTS.* not found: train the teacher first "
-        r"\(python train_net\.py --config-file tests/configs/tiny_retinanet\.yaml\)",
+        r"\(python train_net\.py --config-file \S*tests/configs/tiny_retinanet\.yaml\)",
     ):
         build_teacher(cfg)
 

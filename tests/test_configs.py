@@ -2,11 +2,10 @@
 
 import pytest
 from conftest import REPO
-from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 import gkd_d2  # noqa: F401
-from gkd_d2 import add_gkd_config
+from gkd_d2 import load_config
 from gkd_d2.teacher import load_teacher_cfg
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -17,8 +16,7 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 )
 def test_config_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(path))
+    cfg = load_config(str(path))
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch.startswith("GKD"):
         teacher = load_teacher_cfg(cfg)
@@ -33,8 +31,7 @@ def test_config_loads(path, monkeypatch):
 
 
 def test_paper_protocol_config():
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "gkd.yaml"))
+    cfg = load_config(str(REPO / "configs" / "gkd.yaml"))
     g = cfg.MODEL.GKD
     assert (g.NUM_PROTOTYPES, g.ALPHA, g.DENSITY_KERNEL, g.DENSITY_QUANTILE) == (10, 10.0, 0.1, 0.4)
     assert (g.MIN_BOX_SIZE, g.MAX_IMAGES_PER_CLASS, g.TEMPERATURE) == (30, 800, 2.0)
@@ -45,8 +42,7 @@ def test_paper_protocol_config():
 
 
 def test_faster_rcnn_paper_protocol_config():
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "gkd_faster_rcnn.yaml"))
+    cfg = load_config(str(REPO / "configs" / "gkd_faster_rcnn.yaml"))
     assert cfg.MODEL.META_ARCHITECTURE == "GKDRCNN" and cfg.MODEL.GKD.LEVEL_REDUCTION == "auto"
     assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 512  # 25 % positives: up to 128
     assert cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.SOLVER.MAX_ITER == 176000
@@ -54,3 +50,27 @@ def test_faster_rcnn_paper_protocol_config():
     teacher = load_teacher_cfg(cfg)
     assert teacher.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
     assert teacher.INPUT.FORMAT == cfg.INPUT.FORMAT  # caffe-style pair, one normalisation
+
+
+def test_teacher_config_file_is_relative_to_the_yaml_that_names_it(tmp_path, monkeypatch):
+    """As ``_BASE_``: a relative MODEL.TEACHER.CONFIG_FILE is found next to the yaml that sets
+    it (here a base yaml in another folder), whatever the current folder; a model-zoo name or
+    a path from the current folder still work."""
+    from gkd_d2 import load_config
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "teacher.yaml").write_text("MODEL:\n  META_ARCHITECTURE: RetinaNet\n")
+    (tmp_path / "base" / "student.yaml").write_text(
+        "MODEL:\n  TEACHER:\n    CONFIG_FILE: teacher.yaml\n"
+    )
+    (tmp_path / "run.yaml").write_text('_BASE_: "base/student.yaml"\n')
+    monkeypatch.chdir(REPO / "docs")  # anywhere but the configs' folders
+    cfg = load_config(str(tmp_path / "run.yaml"))
+    assert cfg.MODEL.TEACHER.CONFIG_FILE == str(tmp_path / "base" / "teacher.yaml")
+    # the repository's own configs resolve from any folder
+    quick = load_config(str(REPO / "configs" / "quickstart_gkd_retinanet_cpu.yaml"))
+    want = REPO / "configs" / "quickstart_retinanet_cpu.yaml"
+    assert quick.MODEL.TEACHER.CONFIG_FILE == str(want)
+    # a model-zoo name (no such file next to the yaml) is left for the model zoo
+    zoo = load_config(str(REPO / "configs" / "gkd.yaml"))
+    assert zoo.MODEL.TEACHER.CONFIG_FILE == "COCO-Detection/retinanet_R_101_FPN_3x.yaml"

@@ -14,6 +14,7 @@ from gkd_d2.distill import (
     global_representation,
     joint_coefficients,
     joint_matching_pursuit,
+    pool_at_levels,
     robustness_weights,
     select_prototypes,
 )
@@ -236,3 +237,19 @@ def test_robustness_clamp_and_class_without_prototypes():
     assert r.tolist() == [0.0, 1.0, 0.0]
     raw = robustness_weights(feats_s, feats_t, protos, protos, classes, starts, clamp=False)
     assert raw.tolist() == [-1.0, 1.0, -1.0]
+
+
+def test_pool_at_levels_pools_each_instance_on_its_own_level():
+    """Hand-made maps: level 0 (stride 4) holds 1 everywhere, level 1 (stride 8) holds the cell
+    index; each box takes its own level's crop mean, and gradients reach only that level."""
+    f0 = torch.ones(1, 1, 8, 8, requires_grad=True)
+    f1 = torch.arange(16.0).reshape(1, 1, 4, 4).requires_grad_()
+    boxes = torch.tensor([[0.0, 0.0, 7.0, 7.0], [0.0, 0.0, 15.0, 7.0], [8.0, 8.0, 15.0, 15.0]])
+    idx = torch.zeros(3, dtype=torch.long)
+    got = pool_at_levels([f0, f1], boxes, idx, [4, 8], torch.tensor([0, 1, 1]))
+    # box 1 at stride 8: cells x 0..1, y 0 -> (0 + 1) / 2; box 2: cell (1, 1) -> 5
+    assert got.flatten().tolist() == [1.0, 0.5, 5.0]
+    got.sum().backward()
+    assert f0.grad.sum().item() == pytest.approx(1.0)
+    assert f1.grad.sum().item() == pytest.approx(2.0)
+    assert pool_at_levels([f0, f1], boxes[:0], idx[:0], [4, 8], idx[:0]).shape == (0, 1)

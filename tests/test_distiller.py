@@ -271,11 +271,8 @@ def test_shuffled_r_needs_robust_weights_without_global_loss():
 
 
 def test_shuffled_r_from_the_config():
-    from detectron2.config import get_cfg
+    from gkd_d2 import load_config
 
-    from gkd_d2 import add_gkd_config
-
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_list(["MODEL.GKD.SHUFFLE_R", "True", "MODEL.GKD.SAMPLE_SEED", "7"])
+    cfg = load_config(opts=["MODEL.GKD.SHUFFLE_R", "True", "MODEL.GKD.SAMPLE_SEED", "7"])
     d = GKDDistiller.from_config(cfg, [8, 16], 4, 4, 3, "sum", "softmax")
     assert d.shuffle_r and d.shuffle_seed == 7 and int(d.shuffle_calls) == 0

@@ -14,13 +14,12 @@ from conftest import (
     tiny_inputs,
     train_stop_and_resume,
 )
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import gkd_d2  # noqa: F401
-from gkd_d2 import add_gkd_config
+from gkd_d2 import load_config
 from gkd_d2.distill import soft_label_kl
 from gkd_d2.engine import PrototypeRefresh, Trainer
 from gkd_d2.modeling import GKDDistiller
@@ -33,8 +32,7 @@ GKD_CFG = REPO / "tests" / "configs" / "tiny_gkd_faster_rcnn.yaml"
 @pytest.fixture(scope="module")
 def teacher_weights(tmp_path_factory) -> str:
     """A tiny Faster R-CNN teacher's weights (random, fixed seed: mechanics under test)."""
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(TEACHER_CFG))
+    cfg = load_config(str(TEACHER_CFG))
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
     torch.save({"model": build_model(cfg).state_dict()}, path)
@@ -203,8 +201,7 @@ def test_retinanet_and_faster_rcnn_run_through_the_same_distiller(
     from test_gkd_retinanet import GKD_CFG as RETINA_CFG
     from test_gkd_retinanet import TEACHER_CFG as RETINA_TEACHER
 
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(RETINA_TEACHER))
+    cfg = load_config(str(RETINA_TEACHER))
     retina_weights = tmp_path / "retina_teacher.pth"
     torch.save({"model": build_model(cfg).state_dict()}, retina_weights)
     seen = []
@@ -240,8 +237,7 @@ def test_retinanet_and_faster_rcnn_run_through_the_same_distiller(
 def test_teacher_of_another_family_is_refused(tmp_path):
     from test_gkd_retinanet import TEACHER_CFG as RETINA_TEACHER
 
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(RETINA_TEACHER))
+    cfg = load_config(str(RETINA_TEACHER))
     weights = tmp_path / "retina.pth"
     torch.save({"model": build_model(cfg).state_dict()}, weights)
     cfg = gkd_cfg(
@@ -351,7 +347,7 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, python, teacher_weigh
 
 
 def test_attenuation_follows_epochs_of_data_not_the_refresh_period(tmp_path, teacher_weights):
-    from gkd_d2.engine.trainer import train_dataset_dicts
+    from gkd_d2.engine.schedule import train_dataset_dicts
 
     trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "40"))
     assert len(train_dataset_dicts(trainer.cfg)) == 32

@@ -12,12 +12,11 @@ import os
 import pytest
 import torch
 from conftest import REPO, TEACHER_WIDTHS, identity_adapters, setup_test_cfg
-from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 
 import gkd_d2  # noqa: F401
-from gkd_d2 import add_gkd_config
+from gkd_d2 import load_config
 from gkd_d2.engine import PrototypeRefresh, Trainer
 
 CONFIGS = REPO / "tests" / "configs"
@@ -39,9 +38,7 @@ def norm_opts(norm: str) -> list[str]:
 
 
 def self_teacher_weights(path, detector: str, norm: str) -> str:
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(CONFIGS / DETECTORS[detector][0]))
-    cfg.merge_from_list(norm_opts(norm))
+    cfg = load_config(str(CONFIGS / DETECTORS[detector][0]), norm_opts(norm))
     torch.manual_seed(7)
     model = build_model(cfg)
     with torch.no_grad():  # running statistics that are not the defaults

@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 from conftest import REPO, setup_test_cfg
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import gkd_d2  # noqa: F401
-from gkd_d2 import add_gkd_config
+from gkd_d2 import load_config
 from gkd_d2.engine import Trainer
 
 CASES = [
@@ -25,8 +24,7 @@ CASES = [
 def test_cuda_gkd_training_steps_are_finite(tmp_path, teacher_cfg, gkd_cfg, amp):
     """A few CUDA iterations of GKD (detectron2's AMPTrainer when AMP is on): every loss term
     finite, the distillation terms in fp32, the model on the GPU."""
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "tests" / "configs" / teacher_cfg))
+    cfg = load_config(str(REPO / "tests" / "configs" / teacher_cfg))
     torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "teacher.pth")
     cfg = setup_test_cfg(
         REPO / "tests" / "configs" / gkd_cfg,

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torchvision
 from conftest import REPO, tiny_inputs
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
 from detectron2.utils.events import EventStorage
@@ -26,15 +25,14 @@ TAPS = {"mb2": 4, "mb3": 7, "mb4": 14, "mb5": 19}
 
 def mb_cfg(arch="retinanet", pretrained="", **mb):
     """Base-RetinaNet / Base-RCNN-FPN with a MobileNetV2-FPN (FPN 64, 2 convs), 128 px, CPU."""
-    cfg = gkd_d2.add_gkd_config(get_cfg())
+    base = "Base-RetinaNet.yaml" if arch == "retinanet" else "Base-RCNN-FPN.yaml"
+    cfg = gkd_d2.load_config(str(REPO / "configs" / base))
     if arch == "retinanet":
-        cfg.merge_from_file(str(REPO / "configs" / "Base-RetinaNet.yaml"))
         cfg.MODEL.BACKBONE.NAME = "build_retinanet_mobilenetv2_fpn_backbone"
         cfg.MODEL.FPN.IN_FEATURES = ["mb3", "mb4", "mb5"]
         cfg.MODEL.RETINANET.NUM_CLASSES = 6
         cfg.MODEL.RETINANET.NUM_CONVS = 2
     else:
-        cfg.merge_from_file(str(REPO / "configs" / "Base-RCNN-FPN.yaml"))
         cfg.MODEL.BACKBONE.NAME = "build_mobilenetv2_fpn_backbone"
         cfg.MODEL.FPN.IN_FEATURES = ["mb2", "mb3", "mb4", "mb5"]
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6

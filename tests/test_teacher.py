@@ -5,11 +5,10 @@ import logging
 import pytest
 import torch
 from conftest import TINY_CONFIG
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import gkd_d2  # noqa: F401  (registers the tiny config's backbone)
-from gkd_d2.config import add_gkd_config
+from gkd_d2.config import load_config
 from gkd_d2.teacher import (
     FrozenTeacher,
     TeacherLoadError,
@@ -20,9 +19,7 @@ from gkd_d2.teacher import (
 
 
 def student_cfg(weights="", opts=(), config_file=str(TINY_CONFIG), allow_partial=False):
-    cfg = get_cfg()
-    add_gkd_config(cfg)
-    cfg.merge_from_file(str(TINY_CONFIG))
+    cfg = load_config(str(TINY_CONFIG))
     cfg.MODEL.TEACHER.CONFIG_FILE = config_file
     cfg.MODEL.TEACHER.WEIGHTS = str(weights)
     cfg.MODEL.TEACHER.OPTS = list(opts)

@@ -1,7 +1,6 @@
 """Which instances the prototypes are (``proto_index``), the refresh summaries in the metrics,
 and tools/visualize_prototypes.py, for both GKD detectors."""
 
-import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -9,24 +8,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, setup_test_cfg
-from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-import gkd_d2  # noqa: F401
-from gkd_d2 import add_gkd_config
+from gkd_d2.config import load_config
 from gkd_d2.engine import PrototypeRefresh, Trainer
 from gkd_d2.engine.prototype_refresh import extract_instance_features
-from gkd_d2.engine.trainer import train_dataset_dicts
+from gkd_d2.engine.schedule import train_dataset_dicts
 from gkd_d2.modeling import GKDDistiller
-
-spec = importlib.util.spec_from_file_location(
-    "visualize_prototypes", REPO / "tools" / "visualize_prototypes.py"
-)
-vis = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vis)
+from tools import visualize_prototypes as vis
 
 CONFIGS = REPO / "tests" / "configs"
 # case -> (teacher config, GKD config)
@@ -40,8 +32,7 @@ HOOK = ("trainer", "hooks", "PrototypeRefresh", "instances")
 
 def teacher_file(teacher_cfg: str, path) -> str:
     """A tiny teacher's weights (random, fixed seed: the mechanics are under test)."""
-    cfg = add_gkd_config(get_cfg())
-    cfg.merge_from_file(str(CONFIGS / teacher_cfg))
+    cfg = load_config(str(CONFIGS / teacher_cfg))
     torch.manual_seed(123)
     torch.save({"model": build_model(cfg).state_dict()}, path)
     return str(path)
@@ -182,7 +173,7 @@ def test_refresh_summaries_without_qualifying_instances(trained, tmp_path):
     cfg = setup_test_cfg(
         trained.config, "OUTPUT_DIR", str(tmp_path), "MODEL.GKD.MIN_BOX_SIZE", "1000"
     )
-    hook = PrototypeRefresh(cfg, train_dataset_dicts(cfg), 3, Trainer.build_model(cfg))
+    hook = PrototypeRefresh(cfg, Trainer.build_model(cfg))
     with EventStorage(0) as storage:
         hook.trainer = SimpleNamespace(storage=storage)
         hook.refresh(0)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
@@ -80,10 +80,9 @@ class CheckpointError(ValueError):
 def build_cfg(config_file: str, opts: list[str]) -> CfgNode:
     """The frozen config of ``config_file`` with ``KEY VALUE`` overrides, on the CPU when CUDA
     is asked for but absent. Unlike ``setup_cfg`` it writes nothing to OUTPUT_DIR."""
-    from gkd_d2.config import add_gkd_config, merge_config
+    from gkd_d2.config import load_config
 
-    cfg = add_gkd_config(get_cfg())
-    merge_config(cfg, config_file, opts)  # unknown keys named, with the closest ones
+    cfg = load_config(config_file, opts)  # unknown keys named, with the closest ones
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -293,7 +292,7 @@ def robustness_of_boxes(
         area in original pixels) and ``occluded`` / ``blurred`` (N,) int8 (1 flagged, 0 not,
         -1 no flag); ``images``: images used.
     """
-    from gkd_d2.distill import assign_levels, box_crop_mean
+    from gkd_d2.distill import assign_levels, pool_at_levels
 
     model.eval()
     distiller = model.distiller
@@ -314,13 +313,9 @@ def robustness_of_boxes(
         boxes, classes = boxes.to(device), classes.to(device)
         levels = assign_levels(boxes, len(level_names))
         batch_idx = torch.zeros_like(classes)
-        desc_s = boxes.new_zeros(len(boxes), distiller.protos_s.shape[-1])
-        desc_t = boxes.new_zeros(len(boxes), distiller.protos_t.shape[-1])
-        for lvl, (name, stride) in enumerate(zip(level_names, strides)):
-            sel = levels == lvl
-            if bool(sel.any()):
-                desc_s[sel] = box_crop_mean(feats_s[name], boxes[sel], batch_idx[sel], stride)
-                desc_t[sel] = box_crop_mean(feats_t[name], boxes[sel], batch_idx[sel], stride)
+        at = (boxes, batch_idx, strides, levels)
+        desc_s = pool_at_levels([feats_s[name] for name in level_names], *at)
+        desc_t = pool_at_levels([feats_t[name] for name in level_names], *at)
         out["r"].append(distiller.robustness_at(desc_s, desc_t, classes, levels).float().cpu())
         out["cls"].append(classes.cpu())
         out["level"].append(levels.cpu())
@@ -488,7 +483,7 @@ def run(args: argparse.Namespace) -> None:
     """Write the pictures and the json (module docstring); CheckpointError when they cannot be."""
     import gkd_d2  # noqa: F401  (registers datasets, backbones, meta-architectures)
     from gkd_d2.engine import Trainer
-    from gkd_d2.engine.trainer import train_dataset_dicts
+    from gkd_d2.engine.schedule import train_dataset_dicts
     from gkd_d2.teacher import build_teacher
 
     bank = load_bank_state(args.checkpoint)  # first: a wrong file fails before any building

@@ -8,7 +8,7 @@ from .losses import (
     linear_attenuation,
     soft_label_kl,
 )
-from .pooling import assign_levels, box_crop_mean, crop_windows
+from .pooling import assign_levels, box_crop_mean, crop_windows, pool_at_levels
 from .prototypes import (
     dense_candidates,
     density_scores,
@@ -39,6 +39,7 @@ __all__ = [
     "global_representation",
     "joint_coefficients",
     "joint_matching_pursuit",
+    "pool_at_levels",
     "prototype_class_ids",
     "robustness_weights",
     "select_prototypes",

@@ -1,9 +1,14 @@
 """Instance descriptors on FPN maps: box-crop mean pooling and the box-to-level rule.
 
-Spec: ../shared/docs/gkd-method.md sections 2.3 and 2.4 (and pitfalls 7, 15).
+Both are the official code's (hikvision-research/DAVAR-Lab-ML,
+ECCV22_Distilling_Object_Detectors_with_Global_Knowledge): an integer-aligned crop, not RoIAlign
+(a 1x1 RoIAlign is close but not equal). One addition: the crop's indices are clamped into the
+map, so that a box at the border of a coarse level still has a cell instead of an empty mean.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -67,10 +72,37 @@ def box_crop_mean(
     return (total / area).to(dtype)
 
 
+def pool_at_levels(
+    features: Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    batch_idx: torch.Tensor,
+    strides: Sequence[float],
+    levels: torch.Tensor,
+) -> torch.Tensor:
+    """Each instance's descriptor: its box's crop mean (:func:`box_crop_mean`) on its level.
+
+    Args:
+        features: L maps (B, C, H_l, W_l), finest first.
+        boxes: (N, 4) XYXY boxes in input-image pixels.
+        batch_idx: (N,) int64 image index of each box.
+        strides: the L levels' strides.
+        levels: (N,) int64 level index of each box, in [0, L - 1].
+
+    Returns:
+        (N, C) descriptors, differentiable with respect to ``features``.
+    """
+    out = features[0].new_zeros((len(boxes), features[0].shape[1]))
+    for lvl, (feats, stride) in enumerate(zip(features, strides)):
+        sel = levels == lvl
+        if bool(sel.any()):
+            out[sel] = box_crop_mean(feats, boxes[sel], batch_idx[sel], stride)
+    return out
+
+
 def assign_levels(
     boxes: torch.Tensor, num_levels: int, canonical_size: float = 56.0
 ) -> torch.Tensor:
-    """Level index of each box for the foreground masks (official helper, spec section 2.4).
+    """Level index of each box for the foreground masks (the official code's helper).
 
     level = clamp(floor(log2(sqrt((w + 1) * (h + 1)) / canonical_size + 1e-6)), 0, L - 1), with
     index 0 the finest level used (P2 for Faster R-CNN, P3 for RetinaNet).

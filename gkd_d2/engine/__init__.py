@@ -1,7 +1,10 @@
-"""Training entry points: the trainer, config set-up and the CPU/GPU launcher."""
+"""Training: the GKD hooks for any detectron2 trainer, train_net.py's trainer, config set-up and
+the CPU/GPU launcher."""
 
+from .hooks import build_gkd_hooks
 from .launch import launch
 from .prototype_refresh import PrototypeRefresh
+from .teacher_check import TeacherCheck
 from .trainer import Trainer, setup_cfg
 
-__all__ = ["PrototypeRefresh", "Trainer", "launch", "setup_cfg"]
+__all__ = ["PrototypeRefresh", "TeacherCheck", "Trainer", "build_gkd_hooks", "launch", "setup_cfg"]

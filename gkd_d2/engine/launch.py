@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
+from ..compat import set_local_process_group
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -121,8 +123,7 @@ def _create_local_process_group(world_size: int, num_per_machine: int, machine_r
     """detectron2's group of this machine's processes (for ``comm.get_local_rank/size``).
 
     detectron2 main builds it with the public ``comm.create_local_process_group``; 0.6 has no
-    such function, and its own launcher sets the module's ``_LOCAL_PROCESS_GROUP``, as done here
-    for 0.6 only.
+    such function (``gkd_d2.compat.set_local_process_group``).
     """
     if hasattr(comm, "create_local_process_group"):
         comm.create_local_process_group(num_per_machine)
@@ -131,4 +132,4 @@ def _create_local_process_group(world_size: int, num_per_machine: int, machine_r
         ranks = list(range(machine * num_per_machine, (machine + 1) * num_per_machine))
         group = dist.new_group(ranks)  # every process creates every group, as torch requires
         if machine == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+            set_local_process_group(group)

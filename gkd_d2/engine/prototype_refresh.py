@@ -1,16 +1,16 @@
 """PGM in training: the fixed instance sample, feature extraction, and the refresh hook.
 
-Spec: ../shared/docs/gkd-method.md sections 3.1-3.3 and pitfalls 4-6.
+As the official code's PGM hook (hikvision-research/DAVAR-Lab-ML, ECCV22 GKD project,
+pgm_hook.py and prototype_generation_module.py): a separate eval-mode pass in the test pipeline,
+no flip, a fixed sample of up to MAX_IMAGES_PER_CLASS images per class drawn once (seed 1).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,7 +20,9 @@ from detectron2.structures import BoxMode, ImageList
 from detectron2.utils import comm
 from torch import Tensor
 
-from ..distill import box_crop_mean, select_prototypes
+from ..distill import pool_at_levels, select_prototypes
+from .rng import preserved_rng
+from .schedule import refresh_period, train_dataset_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +121,10 @@ def extract_instance_features(
             rows.append(sel)
         device = feats[level_names[0]].device
         boxes_t, bidx = torch.cat(boxes).to(device), torch.cat(batch_idx).to(device)
-        for k, (name, stride) in enumerate(zip(level_names, strides)):
-            feats_out[k].append(box_crop_mean(feats[name], boxes_t, bidx, stride).float().cpu())
+        maps = [feats[name] for name in level_names]
+        for k in range(len(level_names)):
+            at_k = torch.full_like(bidx, k)  # every instance at every level
+            feats_out[k].append(pool_at_levels(maps, boxes_t, bidx, strides, at_k).float().cpu())
         ids_out.append(torch.cat(rows))
         done = b0 + len(chunk)
         if time.perf_counter() - last_log > 10 or done == len(image_ids):
@@ -150,23 +154,6 @@ def gather_features(ids: Tensor, feats: list[Tensor], total: int) -> list[Tensor
     return out
 
 
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Leave Python's, NumPy's and torch's global RNGs as they were.
-
-    The test-time resize draws from NumPy's RNG; a refresh (whose teacher pass only runs in the
-    first refresh of a process) must not shift the augmentation draws of training, or a resumed
-    run would differ from the original one.
-    """
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
 class PrototypeRefresh(HookBase):
     """Refresh the prototype bank before iteration 0 and then every ``period`` iterations.
 
@@ -185,11 +172,12 @@ class PrototypeRefresh(HookBase):
     and ``gkd/pgm_picks/<class>`` (its distinct instances picked as prototypes, all levels).
     """
 
-    def __init__(self, cfg, dataset_dicts: list[dict], period: int, model: torch.nn.Module):
+    def __init__(self, cfg, model: torch.nn.Module | None = None):
         self.cfg = cfg
-        self.model = model  # the GKD model itself, not its DDP wrapper
-        self.dataset_dicts = dataset_dicts
-        self.period = period
+        # the GKD student itself, not its DDP wrapper; None: the trainer's, at before_train
+        self.model = model
+        self.dataset_dicts = train_dataset_dicts(cfg)
+        self.period = refresh_period(cfg)
         self.instances: dict[str, Tensor] | None = None
         self._teacher_cache: list[Tensor] | None = None
         self._mapper = DatasetMapper(cfg, is_train=False)
@@ -198,14 +186,25 @@ class PrototypeRefresh(HookBase):
     def _inputs_of(self, index: int) -> dict:
         return self._mapper(dict(self.dataset_dicts[index]))
 
+    def student(self) -> torch.nn.Module:
+        """The GKD student: the one given, else the trainer's (unwrapped from DDP)."""
+        if self.model is None:
+            from .hooks import gkd_model_of
+
+            self.model = gkd_model_of(self.trainer)
+        return self.model
+
+    def before_train(self) -> None:
+        self.student().prepare_distillation()
+
     def before_step(self) -> None:
         it = self.trainer.iter
-        if it % self.period == 0 and int(self.model.distiller.bank_iter) != it:
+        if it % self.period == 0 and int(self.student().distiller.bank_iter) != it:
             self.refresh(it)
 
     def refresh(self, iteration: int) -> None:
         g = self.cfg.MODEL.GKD
-        model = self.model
+        model = self.student()
         distiller = model.distiller
         num_classes, num_levels = distiller.protos_s.shape[1], distiller.protos_s.shape[0]
         start = time.perf_counter()
@@ -308,7 +307,7 @@ class PrototypeRefresh(HookBase):
         )
         self._put_summaries(seconds, picked)
 
-    def _class_names(self, num_classes: int) -> list[str]:
+    def metric_class_names(self, num_classes: int) -> list[str]:
         """Metric-safe names of the training set's classes (``thing_classes``), else indices."""
         names = None
         if self.cfg.DATASETS.TRAIN:
@@ -336,7 +335,7 @@ class PrototypeRefresh(HookBase):
                 sum(1 for p in picked if sum(len(x) for x in p) == 0)
             ),
         }
-        for c, name in enumerate(self._class_names(num_classes)):
+        for c, name in enumerate(self.metric_class_names(num_classes)):
             scalars[f"gkd/pgm_instances/{name}"] = float(per_class[c])
             # distinct instances over all levels: one instance often represents several
             distinct = torch.unique(torch.cat(picked[c])) if picked[c] else []

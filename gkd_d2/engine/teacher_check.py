@@ -29,7 +29,7 @@ from detectron2.engine import HookBase
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
 
-from .prototype_refresh import preserved_rng
+from .rng import preserved_rng
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +140,17 @@ class TeacherCheck(HookBase):
     """Before training: log the teacher's AP (``gkd/teacher_ap``) and stop, naming the teacher,
     when it is below ``MODEL.TEACHER.MIN_AP``."""
 
-    def __init__(self, cfg: CfgNode, model, build_evaluator):
+    def __init__(self, cfg: CfgNode, build_evaluator):
         self.cfg = cfg
-        self.model = model  # the GKD model (unwrapped); the trainer attaches its teacher later
         self.build_evaluator = build_evaluator
 
     def before_train(self) -> None:
+        from .hooks import gkd_model_of
+
         t = self.cfg.MODEL.TEACHER
-        self.model.require_teacher()
-        teacher = self.model.teacher
+        model = gkd_model_of(self.trainer)
+        model.prepare_distillation()
+        teacher = model.teacher
         start = time.perf_counter()
         # its data loader draws from torch's RNG: a resumed run must see the same RNG as the
         # original one after the check

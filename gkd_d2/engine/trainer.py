@@ -2,44 +2,33 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
-import os
-import random
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import (
-    AMPTrainer,
-    DefaultTrainer,
-    SimpleTrainer,
-    TrainerBase,
-    create_ddp_model,
-    default_setup,
-    hooks,
-)
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
+from detectron2.engine import DefaultTrainer, TrainerBase, default_setup, hooks
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
+from torch.utils.data import Sampler
 
 from ..checkpoint import GKDCheckpointer
-from ..config import add_gkd_config, check_supported, merge_config
-from .prototype_refresh import PrototypeRefresh
-from .teacher_check import TeacherCheck
+from ..compat import ddp_for_cpu_modules, inner_trainer, train_sampler_seed
+from ..config import check_supported, load_config
+from ..modeling import DistilledDetector
+from .evaluators import build_evaluator
+from .hooks import build_gkd_hooks
+from .rng import rng_state, set_rng_state
+from .schedule import epoch_length, num_epochs, refresh_period, train_dataset_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -106,20 +95,19 @@ class _FiniteLossHook:
         return ckpt.get_checkpoint_file() if ckpt.has_checkpoint() else ""
 
 
-class ResumableTrainingSampler(TrainingSampler):
-    """detectron2's TrainingSampler that can start ``skip`` indices into this rank's stream.
+class ResumableTrainingSampler(Sampler):
+    """detectron2's ``TrainingSampler`` stream of this rank, started ``skip`` indices in.
 
     detectron2's sampler restarts its stream on resume, so a resumed run sees other images
     than an uninterrupted one; skipping what was consumed makes the two streams equal.
     """
 
     def __init__(self, size: int, seed: int | None = None, skip: int = 0):
-        super().__init__(size, shuffle=True, seed=seed)
-        self._skip = skip
+        self.stream = TrainingSampler(size, shuffle=True, seed=seed)
+        self.skip = skip
 
-    def __iter__(self):
-        start = self._rank + self._skip * self._world_size
-        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
+    def __iter__(self) -> Iterator[int]:
+        yield from itertools.islice(iter(self.stream), self.skip, None)
 
 
 def torch_rng_neutral(iterable) -> Iterator:
@@ -127,9 +115,9 @@ def torch_rng_neutral(iterable) -> Iterator:
 
     A torch DataLoader draws its base seed from torch's RNG when its iterator starts, which for
     detectron2's aspect-grouped loader is at the first batch of a process: a resumed run would
-    draw it at its first iteration and shift every later torch draw (Faster R-CNN samples
-    anchors and RoIs with torch.randperm). Keeping data loading off torch's RNG makes the
-    training step see the same torch RNG in an uninterrupted and a resumed run.
+    draw it a second time at its first iteration and shift every later torch draw (Faster
+    R-CNN samples anchors and RoIs with torch.randperm). Keeping a continued run's data loading
+    off torch's RNG makes its steps see the torch RNG of the uninterrupted run.
     """
     it = None
     while True:
@@ -153,7 +141,11 @@ class ResumableTrainLoader:
     detectron2) and again at the first batch when ``start_iter()`` then says that
     ``resume_or_load`` continued a run. Iterating starts nothing until the first batch:
     detectron2 0.6's SimpleTrainer calls ``iter()`` in its constructor, before the resume.
-    Batches come through :func:`torch_rng_neutral`.
+
+    An uninterrupted run draws from torch's RNG exactly as detectron2's loader does in a
+    ``DefaultTrainer`` (the DataLoader's base seed, at the first batch); a continued run's
+    loader comes through :func:`torch_rng_neutral`, since the RNG states restored from the
+    checkpoint already hold the original run's draw.
     """
 
     def __init__(self, build: Callable[[int], Any], start_iter: Callable[[], int]):
@@ -163,175 +155,131 @@ class ResumableTrainLoader:
 
     def __iter__(self) -> Iterator:
         start = self._start_iter()
-        yield from torch_rng_neutral(self.loader if start == 0 else self._build(start))
-
-
-def train_dataset_dicts(cfg: CfgNode) -> list[dict]:
-    """The training set as the loader sees it (detectron2's filtering); loaded once per process."""
-    return _train_dataset_dicts(
-        tuple(cfg.DATASETS.TRAIN),
-        cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
-        tuple(cfg.DATASETS.PROPOSAL_FILES_TRAIN) if cfg.MODEL.LOAD_PROPOSALS else None,
-    )
-
-
-@functools.lru_cache(maxsize=2)
-def _train_dataset_dicts(names, filter_empty, min_keypoints, proposal_files) -> list[dict]:
-    return get_detection_dataset_dicts(
-        list(names),
-        filter_empty=filter_empty,
-        min_keypoints=min_keypoints,
-        proposal_files=list(proposal_files) if proposal_files else None,
-    )
+        yield from self.loader if start == 0 else torch_rng_neutral(self._build(start))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # tensors and plain numbers only, so that torch.load(weights_only=True) can read it back
-    return {
-        "python": random.getstate(),
-        "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
+class FinishedRunEvalHook(hooks.EvalHook):
+    """detectron2's EvalHook that skips the final evaluation of a run that failed.
 
+    TrainerBase sets ``iter = max_iter`` only when the loop completed; an exception in the last
+    iteration leaves ``iter = max_iter - 1``, and EvalHook (``iter + 1 >= max_iter``) would
+    then evaluate the failed run as if it had finished.
+    """
 
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
+    def after_train(self) -> None:
+        if self.trainer.iter >= self.trainer.max_iter:
+            super().after_train()
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer, runnable on CPU processes, evaluating by dataset type,
-    with exact resume (optimizer, RNG and data stream position in the checkpoint) and, for
-    GKD meta-architectures, the frozen teacher and the prototype-refresh hook."""
+    """detectron2's DefaultTrainer with what train_net.py adds on top of GKD's hooks
+    (``build_gkd_hooks``, which any detectron2 trainer can use):
+
+    - training on CPU processes (gloo): DDP of a CPU module without ``device_ids``;
+    - exact resume: the optimizer state, the RNG states and the data stream position are in
+      the checkpoint, so a resumed run is the same run;
+    - a NaN/Inf loss term stops training before its backward pass, named with the iteration;
+    - evaluators by dataset type (COCO, VOC), and the final evaluation returned by ``train``;
+    - the teacher built when the trainer is (a bad teacher fails before anything runs).
+    """
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer's own constructor, through public seams only: on the CPU DDP needs
-        # device_ids=None (DefaultTrainer passes [local_rank], which DDP rejects for a CPU
-        # module), the checkpointer is a GKDCheckpointer, and the loader can continue a resumed
-        # data stream; everything else is as in detectron2 (0.6 and main alike).
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        this = weakref.proxy(self)
+        this, cls = weakref.proxy(self), type(self)
         # only detectron2's TrainingSampler can skip (ResumableTrainingSampler); another sampler's
         # stream restarts on resume, as in detectron2, so its loader is not built a second time
         resumable = cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
-        data_loader = ResumableTrainLoader(
-            lambda start: this.build_train_loader(cfg, start_iter=start),
-            lambda: this.start_iter if resumable else 0,
-        )
-        ddp_args = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_args)
-        # positional: main added arguments to AMPTrainer between these and grad_scaler
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = GKDCheckpointer(model, cfg.OUTPUT_DIR, trainer=this)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+
+        def build_train_loader(scaled_cfg: CfgNode) -> ResumableTrainLoader:
+            # the sampler's seed, drawn when DefaultTrainer would draw it and kept in the
+            # checkpoint (a resumed run continues the same stream)
+            self.sampler_seed = train_sampler_seed(scaled_cfg) if resumable else None
+            return ResumableTrainLoader(
+                lambda start: cls.build_train_loader(
+                    scaled_cfg, start_iter=start, seed=this.sampler_seed
+                ),
+                lambda: this.start_iter if resumable else 0,
+            )
+
+        # DefaultTrainer's constructor builds the loader with self.build_train_loader(cfg): for
+        # this trainer, one that continues a resumed data stream (an instance attribute shadows
+        # the classmethod)
+        self.build_train_loader = build_train_loader
+        # (one process: detectron2 builds no DDP at all)
+        with ddp_for_cpu_modules(cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1):
+            super().__init__(cfg)
+        del self.build_train_loader
         model = _unwrap(self.model)
         # a NaN/Inf loss term stops training before its backward pass, named with the iteration
-        self._finite_loss_hook = model.register_forward_hook(_FiniteLossHook(self.checkpointer))
-        if hasattr(model, "attach_teacher"):
-            from ..teacher import build_teacher
-
-            # fails here, before training, on missing weights or mismatching keys/classes
-            model.attach_teacher(build_teacher(cfg))
-            model.attenuation_schedule = (
-                (self.epoch_length(cfg), self.num_epochs(cfg))
-                if cfg.MODEL.GKD.ATTENUATION
-                else None
-            )
+        self.finite_loss_check = model.register_forward_hook(_FiniteLossHook(self.checkpointer))
+        if isinstance(model, DistilledDetector):
+            model.prepare_distillation()
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
         check_supported(cfg, "the config")
         return super().build_model(cfg)
 
-    @staticmethod
-    def epoch_length(cfg: CfgNode) -> int:
-        """Iterations of one epoch of the training set (at least 1)."""
-        return max(1, len(train_dataset_dicts(cfg)) // cfg.SOLVER.IMS_PER_BATCH)
-
-    @classmethod
-    def refresh_period(cls, cfg: CfgNode) -> int:
-        """Iterations between prototype refreshes: MODEL.GKD.REFRESH_PERIOD, or one epoch."""
-        if cfg.MODEL.GKD.REFRESH_PERIOD > 0:
-            return cfg.MODEL.GKD.REFRESH_PERIOD
-        return cls.epoch_length(cfg)
-
-    @classmethod
-    def num_epochs(cls, cfg: CfgNode) -> int:
-        """E of a(e) = 1 - e / E: MODEL.GKD.NUM_EPOCHS, or the epochs that MAX_ITER spans."""
-        if cfg.MODEL.GKD.NUM_EPOCHS > 0:
-            return cfg.MODEL.GKD.NUM_EPOCHS
-        return max(1, -(-cfg.SOLVER.MAX_ITER // cls.epoch_length(cfg)))
+    # epochs of the training set (gkd_d2.engine.schedule), kept here for the tools
+    epoch_length = staticmethod(epoch_length)
+    refresh_period = staticmethod(refresh_period)
+    num_epochs = staticmethod(num_epochs)
 
     def build_hooks(self) -> list:
-        ret = super().build_hooks()
-        model = _unwrap(self.model)
-        if hasattr(model, "distiller") and model.distiller.needs_prototypes:
-            # (the local-only baseline, ROBUST_WEIGHTS False without a global loss, needs none)
-            refresh = PrototypeRefresh(
-                self.cfg, train_dataset_dicts(self.cfg), self.refresh_period(self.cfg), model
-            )
-            # first, so that IterationTimer does not count a refresh as iteration time
-            ret.insert(0, refresh)
-        if hasattr(model, "attach_teacher") and self.cfg.MODEL.TEACHER.CHECK_IMAGES > 0:
-            # before anything else: a useless teacher stops the run before iteration 0
-            ret.insert(0, TeacherCheck(self.cfg, model, self.build_evaluator))
-        return ret
+        # the checkpointer that reads and writes atomically; DefaultTrainer's hooks save with it
+        self.checkpointer = GKDCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        ret = [
+            FinishedRunEvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate_and_keep)
+            if isinstance(h, hooks.EvalHook)
+            else h
+            for h in super().build_hooks()
+        ]
+        # before detectron2's hooks, so that IterationTimer does not count a refresh as
+        # iteration time and a useless teacher stops the run before anything else
+        return build_gkd_hooks(self.cfg, self.build_evaluator) + ret
+
+    def evaluate_and_keep(self) -> dict:
+        """Evaluate the model on DATASETS.TEST; the results are kept for ``train`` to return."""
+        self.last_eval_results = self.test(self.cfg, self.model)
+        return self.last_eval_results
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode, start_iter: int = 0):
+    def build_train_loader(cls, cfg: CfgNode, start_iter: int = 0, seed: int | None = None):
+        """detectron2's train loader; with its TrainingSampler, the stream ``start_iter``
+        batches in, sampled with ``seed`` (by default the seed detectron2 would use)."""
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             return super().build_train_loader(cfg)
         dataset = train_dataset_dicts(cfg)
         per_rank = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        seed = cfg.SEED if cfg.SEED >= 0 else None
+        if seed is None:
+            seed = train_sampler_seed(cfg)
         sampler = ResumableTrainingSampler(len(dataset), seed=seed, skip=start_iter * per_rank)
         return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
 
     def train(self) -> dict | None:
         """Train; return the final evaluation results (detectron2 0.6 returns them only when
         TEST.EXPECTED_RESULTS is set), or None when nothing was evaluated."""
-        super().train()
-        return getattr(self, "_last_eval_results", None)
-
-    def after_train(self) -> None:
-        # TrainerBase sets iter = max_iter only when the loop completed; an exception in the
-        # last iteration leaves iter = max_iter - 1, and EvalHook (iter + 1 >= max_iter) would
-        # then evaluate the failed run as if it had finished. Skip that evaluation.
-        if self.iter >= self.max_iter:
-            return super().after_train()
-        self.storage.iter = self.iter
-        for h in self._hooks:
-            if not isinstance(h, hooks.EvalHook):
-                h.after_train()
+        self.last_eval_results = None
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        if self.cfg.TEST.EXPECTED_RESULTS and comm.is_main_process():
+            verify_results(self.cfg, self.last_eval_results)
+        return self.last_eval_results
 
     # detectron2 0.6 leaves the optimizer state (SGD momentum, the AMP grad scaler) out of its
     # checkpoints, so --resume restarted momentum from zero; detectron2 main saves it under
     # "_trainer" as done here (and its load_state_dict fails on a checkpoint without it).
     # The RNG states (data augmentation draws from numpy's) make the resumed run the same run.
     def state_dict(self) -> dict:
-        ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
-        ret["rng"] = _rng_state()
+        ret = TrainerBase.state_dict(self)
+        ret["_trainer"] = inner_trainer(self).state_dict()
+        ret["rng"] = rng_state()
+        if self.sampler_seed is not None:
+            ret["sampler_seed"] = self.sampler_seed
         return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -339,26 +287,15 @@ class Trainer(DefaultTrainer):
         # 0.6, read here once so that both versions load the same checkpoints
         TrainerBase.load_state_dict(self, state_dict)
         if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+            inner_trainer(self).load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("The checkpoint has no optimizer state: momentum restarts from zero")
         if "rng" in state_dict:
-            _set_rng_state(state_dict["rng"])
+            set_rng_state(state_dict["rng"])
+        if "sampler_seed" in state_dict:
+            self.sampler_seed = int(state_dict["sampler_seed"])
 
-    @classmethod
-    def build_evaluator(
-        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
-    ) -> DatasetEvaluator:
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-        if evaluator_type == "coco":
-            output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-            return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
-        if evaluator_type == "pascal_voc":
-            return PascalVOCDetectionEvaluator(dataset_name)
-        raise ValueError(
-            f"No evaluator for dataset {dataset_name!r}: its metadata evaluator_type is "
-            f"{evaluator_type!r}; gkd_d2 evaluates 'coco' and 'pascal_voc' datasets"
-        )
+    build_evaluator = staticmethod(build_evaluator)
 
 
 def setup_cfg(args) -> CfgNode:
@@ -371,10 +308,8 @@ def setup_cfg(args) -> CfgNode:
     Raises:
         ConfigError: a missing config file, an unknown key or a value of the wrong type, named.
     """
-    cfg = get_cfg()
-    add_gkd_config(cfg)
     # ConfigError names the file or override and the key, with the closest existing keys
-    merge_config(cfg, args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cpu_fallback = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if cpu_fallback:
         cfg.MODEL.DEVICE = "cpu"

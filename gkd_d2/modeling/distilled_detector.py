@@ -7,6 +7,7 @@ A GKD meta-architecture is ``class GKDX(DistilledDetector, X)``: it only says wh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -46,25 +47,57 @@ def running_statistics(norms: list[nn.modules.batchnorm._BatchNorm]) -> Iterator
             m.train(mode)
 
 
+@dataclasses.dataclass
+class StepRecord:
+    """What one training forward of detectron2's detector hands to the distillation."""
+
+    batched_inputs: list[dict]
+    # the student's backbone features in its prototypes' normalisation, or None when they are
+    # the training forward's own (DistilledDetector.descriptor_features)
+    descriptors: dict[str, Tensor] | None = None
+    backbone_seen: bool = False
+    # RetinaNet: label_anchors' anchors and labels
+    anchors: list | None = None
+    gt_labels: list[Tensor] | None = None
+    # Faster R-CNN: the backbone's features, the sampled proposals, their pooled RoI features
+    # and the box predictor's outputs
+    features: dict[str, Tensor] | None = None
+    proposals: list | None = None
+    pooled: Tensor | None = None
+    predictions: tuple | None = None
+
+
 class DistilledDetector:
     """Mixin for a detectron2 detector with a ``distiller`` and a frozen teacher.
 
-    Subclasses call :meth:`_init_distillation` in ``__init__`` and set ``distill_in_features``,
-    the names of the FPN levels distilled (the same names in the teacher's backbone).
+    Subclasses call :meth:`init_distillation` in ``__init__`` with the names of the FPN levels
+    distilled (the same names in the teacher's backbone). The teacher is built from the config
+    when training starts (:meth:`prepare_distillation`), or attached with
+    :meth:`attach_teacher`.
     """
 
     distill_in_features: list[str]
     # the detectron2 meta-architecture of the student alone (export, controls)
     plain_architecture: str
 
-    def _init_distillation(self, distiller: GKDDistiller, distill_in_features: list[str]) -> None:
+    def init_distillation(
+        self,
+        distiller: GKDDistiller,
+        distill_in_features: list[str],
+        student_cfg: CfgNode | None = None,
+    ) -> None:
+        """Set up the distillation state; ``student_cfg`` (the config the model was built
+        from) is what :meth:`prepare_distillation` builds the teacher and a(e) from."""
         self.distiller = distiller
         self.distill_in_features = list(distill_in_features)
         # the teacher is a plain attribute, not a submodule: absent from parameters(),
         # state_dict(), the optimizer and DDP (attach_teacher)
         object.__setattr__(self, "teacher", None)
-        # (iterations per epoch, epochs) for a(e); set by the trainer. None: a = 1.
+        self.student_cfg = student_cfg
+        # (iterations per epoch, epochs) for a(e); None: a = 1 (prepare_distillation sets it)
         self.attenuation_schedule: tuple[int, int] | None = None
+        # what detectron2's training forward hands over during one step (recording_step)
+        self.current_step: StepRecord | None = None
         # BN layers of the distilled path (the backbone, FPN included): in train mode they make
         # the training forward's features differ from the eval-mode ones the prototypes are
         # extracted with (PrototypeRefresh), so r needs an eval-mode pass (descriptor_features)
@@ -185,12 +218,66 @@ class DistilledDetector:
         self.check_teacher(teacher)
         object.__setattr__(self, "teacher", teacher)
 
-    def require_teacher(self) -> None:
-        if self.teacher is None:
+    def prepare_distillation(self) -> None:
+        """Build the frozen teacher from the student's MODEL.TEACHER.* keys, unless one is
+        attached, and a(e)'s schedule from the training set; at most once.
+
+        Called by the GKD hooks before training (``gkd_d2.engine.build_gkd_hooks``), by
+        train_net.py's Trainer when it is built (so that a bad teacher fails at once), and by
+        the first training forward otherwise. Inference and export never call it: they need
+        no teacher.
+
+        Raises:
+            RuntimeError: no teacher is attached and the model was not built from a config.
+            TeacherLoadError, ValueError: the teacher cannot be built or does not fit.
+        """
+        if self.teacher is not None:
+            return
+        cfg = self.student_cfg
+        if cfg is None:
             raise RuntimeError(
-                f"{type(self).__name__} is training without a teacher: attach one with "
-                "attach_teacher(), as gkd_d2.engine.Trainer does from MODEL.TEACHER.*"
+                f"{type(self).__name__} is training without a teacher and was not built from "
+                "a config: attach one with attach_teacher(FrozenTeacher(...)), or build the "
+                "model from a config with MODEL.TEACHER.CONFIG_FILE and MODEL.TEACHER.WEIGHTS"
             )
+        from ..engine.rng import preserved_rng
+        from ..engine.schedule import attenuation_schedule
+        from ..teacher import build_teacher
+
+        # fails here, before training, on missing weights or mismatching keys/classes; off the
+        # global RNGs (its random initialisation is overwritten), so that training draws the
+        # same numbers whether a trainer builds the teacher first or a hook before iteration 0
+        with preserved_rng():
+            teacher = build_teacher(cfg)
+        self.attach_teacher(teacher)
+        self.attenuation_schedule = attenuation_schedule(cfg)
+
+    @contextlib.contextmanager
+    def recording_step(self, batched_inputs: list[dict]) -> Iterator[StepRecord]:
+        """Around detectron2's own training forward (``super().forward()``): collect what GKD
+        needs from it in :attr:`current_step`.
+
+        A forward pre-hook on the backbone runs the descriptor pass
+        (:meth:`descriptor_features`) on the normalised batch just before the training
+        forward's backbone pass, whose train-mode BN would update the running statistics
+        first. The detector records the rest (instances, logits) from detectron2's public
+        methods it overrides or from forward hooks.
+        """
+        step = StepRecord(batched_inputs)
+
+        def before_backbone(module: nn.Module, args: tuple) -> None:
+            if step.backbone_seen:  # the descriptor pass itself runs the backbone
+                return
+            step.backbone_seen = True
+            step.descriptors = self.descriptor_features(args[0])
+
+        handle = self.backbone.register_forward_pre_hook(before_backbone)
+        self.current_step = step
+        try:
+            yield step
+        finally:
+            handle.remove()
+            self.current_step = None
 
     def attenuation(self) -> float:
         """a(e) of the current iteration's epoch (1 without a schedule)."""

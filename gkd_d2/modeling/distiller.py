@@ -12,11 +12,11 @@ from torch import Tensor, nn
 
 from ..distill import (
     SOFT_LABEL_FORMS,
-    box_crop_mean,
     decoupled_imitation_losses,
     foreground_mask,
     global_alignment_loss,
     global_representation,
+    pool_at_levels,
     robustness_weights,
     soft_label_kl,
 )
@@ -68,7 +68,7 @@ class GKDDistiller(nn.Module):
         L, K, M = len(strides), num_classes, num_prototypes
         if adapter_kernel not in (1, 3):
             raise ValueError(f"MODEL.GKD.ADAPTER_KERNEL must be 1 or 3, not {adapter_kernel}")
-        # 3x3, padding 1, no activation: keeps the map size (spec section 4.3, pitfall 11);
+        # 3x3, padding 1, no activation: keeps the map size (the official adapter);
         # 1x1 is the cheaper option (about a quarter of a Faster R-CNN step goes to 3x3
         # adapters on P2 at 256 channels on the CPU: docs/performance.md)
         self.adapters = nn.ModuleList(
@@ -299,14 +299,12 @@ class GKDDistiller(nn.Module):
                 if not bool(sel.any()):
                     continue
                 ps, pt, starts = self.bank(lvl)
+                # the instances of this level (with the global loss: every instance, here)
+                at = (boxes[sel], batch_idx[sel], self.strides, torch.full_like(levels[sel], lvl))
                 with torch.set_grad_enabled(use_global and torch.is_grad_enabled()):
-                    s = box_crop_mean(
-                        descriptor_feats[lvl], boxes[sel], batch_idx[sel], self.strides[lvl]
-                    )
+                    s = pool_at_levels(descriptor_feats, *at)
                 with torch.no_grad():
-                    t = box_crop_mean(
-                        teacher_feats[lvl], boxes[sel], batch_idx[sel], self.strides[lvl]
-                    )
+                    t = pool_at_levels(teacher_feats, *at)
                 r_lvl = robustness_weights(s, t, ps, pt, classes[sel], starts, clamp=self.clamp_r)
                 own = levels[sel] == lvl
                 r[sel.nonzero().flatten()[own]] = r_lvl[own]

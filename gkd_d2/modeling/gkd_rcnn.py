@@ -1,6 +1,6 @@
 """GKDRCNN: a detectron2 Faster R-CNN (FPN) student distilled from a frozen teacher with GKD.
 
-Only the Faster R-CNN-specific part lives here (spec sections 2.2, 4.3, 4.4): the instances are
+Only the Faster R-CNN-specific part lives here: the instances are
 the student's positive sampled proposals (proposal coordinates, with the class of the matched
 ground truth); the logits are the (K + 1)-way box-head logits of those RoIs, the teacher's from
 its own box head on its own FPN with the same RoIs; the soft-label r comes from the RoI features
@@ -11,7 +11,7 @@ averaged over the pooled grid, at the box pooler's level. The distillation itsel
 from __future__ import annotations
 
 import torch
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import assign_boxes_to_levels
 from detectron2.modeling.roi_heads import StandardROIHeads
@@ -22,6 +22,7 @@ from torch import Tensor
 from ..distill import assign_levels
 from .distilled_detector import DistilledDetector
 from .distiller import GKDDistiller
+from .recorders import forward_inputs, forward_outputs, method_outputs
 
 
 def positive_proposals(
@@ -60,8 +61,12 @@ def boxes_per_image(boxes: Tensor, batch_idx: Tensor, num_images: int) -> list[B
 
 @META_ARCH_REGISTRY.register()
 class GKDRCNN(DistilledDetector, GeneralizedRCNN):
-    """Faster R-CNN (FPN, ``StandardROIHeads``) student + GKD distiller; the teacher (a Faster
-    R-CNN) is attached by the trainer.
+    """Faster R-CNN (FPN, ``StandardROIHeads``) student + GKD distiller; its frozen teacher (a
+    Faster R-CNN) is built from MODEL.TEACHER.* when training starts.
+
+    Training runs detectron2's own forward (``super().forward()``) and records, for the
+    distillation, the backbone features the ROI heads receive, the sampled proposals
+    (``label_and_sample_proposals``), their pooled features and the box predictor's outputs.
 
     All FPN levels of the backbone are distilled (P2-P6 for detectron2's FPN); the level of a
     proposal for the feature mask follows the official rule (``assign_levels``). Training runs
@@ -73,9 +78,16 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
     plain_architecture = "GeneralizedRCNN"
 
     @configurable
-    def __init__(self, *, distiller: GKDDistiller, distill_in_features: list[str], **kwargs):
+    def __init__(
+        self,
+        *,
+        distiller: GKDDistiller,
+        distill_in_features: list[str],
+        student_cfg: CfgNode | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self._init_distillation(distiller, distill_in_features)
+        self.init_distillation(distiller, distill_in_features, student_cfg)
         heads = self.roi_heads
         unknown = [f for f in heads.box_in_features if f not in distill_in_features]
         if unknown:
@@ -109,6 +121,7 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         ret["distiller"] = cls.build_distiller(
             cfg, shapes, in_features, cfg.MODEL.ROI_HEADS.NUM_CLASSES, two_stage=True
         )
+        ret["student_cfg"] = cfg
         return ret
 
     def check_teacher(self, teacher) -> None:
@@ -123,32 +136,31 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
     def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return super().forward(batched_inputs)
-        self.require_teacher()
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        # before the training forward, whose train-mode BN updates the running statistics
-        descriptors = self.descriptor_features(images.tensor)
-        features = self.backbone(images.tensor)
-        rpn_proposals, losses = self.proposal_generator(images, features, gt_instances)
+        self.prepare_distillation()
         heads = self.roi_heads
-        proposals = heads.label_and_sample_proposals(rpn_proposals, gt_instances)
-        # StandardROIHeads._forward_box's training path, keeping the pooled RoI features and
-        # the logits for distillation
-        pooled = heads.box_pooler(
-            [features[f] for f in heads.box_in_features], [p.proposal_boxes for p in proposals]
-        )
-        predictions = heads.box_predictor(heads.box_head(pooled))
-        losses.update(heads.box_predictor.losses(predictions, proposals))
-        losses.update(heads._forward_mask(features, proposals))
-        losses.update(heads._forward_keypoint(features, proposals))
-        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
-            self.visualize_training(batched_inputs, rpn_proposals)
+        with (
+            self.recording_step(batched_inputs) as step,
+            forward_inputs(heads, lambda args: setattr(step, "features", args[1])),
+            method_outputs(
+                heads, "label_and_sample_proposals", lambda p: setattr(step, "proposals", p)
+            ),
+            forward_outputs(heads.box_pooler, lambda x: setattr(step, "pooled", x)),
+            forward_outputs(heads.box_predictor, lambda x: setattr(step, "predictions", x)),
+        ):
+            losses = super().forward(batched_inputs)
         losses.update(
-            self._distill(batched_inputs, features, proposals, pooled, predictions[0], descriptors)
+            self.distillation_losses(
+                batched_inputs,
+                step.features,
+                step.proposals,
+                step.pooled,
+                step.predictions[0],
+                step.descriptors,
+            )
         )
         return losses
 
-    def _distill(
+    def distillation_losses(
         self,
         batched_inputs: list[dict],
         features: dict[str, Tensor],

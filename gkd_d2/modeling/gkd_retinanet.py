@@ -8,7 +8,7 @@ classification logits at those anchors. The distillation itself is ``GKDDistille
 from __future__ import annotations
 
 import torch
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes
@@ -22,7 +22,12 @@ from .distiller import GKDDistiller
 
 @META_ARCH_REGISTRY.register()
 class GKDRetinaNet(DistilledDetector, RetinaNet):
-    """RetinaNet student + GKD distiller; the teacher (a RetinaNet) is attached by the trainer.
+    """RetinaNet student + GKD distiller; its frozen teacher (a RetinaNet) is built from
+    MODEL.TEACHER.* when training starts.
+
+    Training runs detectron2's own RetinaNet forward (``super().forward()``); the positive
+    anchors come from its ``label_anchors``, the logits from the head's predictions that
+    ``forward_training`` receives, and the distillation losses are added to its losses.
 
     The teacher (a ``gkd_d2.teacher.FrozenTeacher``) is a plain attribute, not a submodule:
     it is absent from ``parameters()``, ``state_dict()``, the optimizer and DDP. Inference runs
@@ -32,9 +37,16 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
     plain_architecture = "RetinaNet"
 
     @configurable
-    def __init__(self, *, distiller: GKDDistiller, anchor_own_level: bool = True, **kwargs):
+    def __init__(
+        self,
+        *,
+        distiller: GKDDistiller,
+        anchor_own_level: bool = True,
+        student_cfg: CfgNode | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self._init_distillation(distiller, self.head_in_features)
+        self.init_distillation(distiller, self.head_in_features, student_cfg)
         self.anchor_own_level = anchor_own_level
         # RetinaNet's EMA loss normaliser is a plain attribute, lost on resume; kept in a buffer
         # (hence in checkpoints) so that a resumed run normalises its losses as the original
@@ -52,6 +64,7 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
             two_stage=False,
         )
         ret["anchor_own_level"] = cfg.MODEL.GKD.ANCHOR_OWN_LEVEL
+        ret["student_cfg"] = cfg
         return ret
 
     def check_teacher(self, teacher) -> None:
@@ -65,36 +78,39 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
     def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return super().forward(batched_inputs)
-        self.require_teacher()
-        images = self.preprocess_image(batched_inputs)
-        # before the training forward, whose train-mode BN updates the running statistics
-        descriptors = self.descriptor_features(images.tensor)
-        all_features = self.backbone(images.tensor)
-        features = [all_features[f] for f in self.head_in_features]
-        predictions = self.head(features)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        pred_logits, pred_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4]
-        )
-        anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        self.prepare_distillation()
+        with self.recording_step(batched_inputs):
+            return super().forward(batched_inputs)
+
+    def label_anchors(self, anchors: list[Boxes], gt_instances: list):
+        # detectron2's labelling, recorded: its positive anchors are GKD's instances
+        gt_labels, gt_boxes = super().label_anchors(anchors, gt_instances)
+        if self.current_step is not None:
+            self.current_step.anchors, self.current_step.gt_labels = anchors, gt_labels
+        return gt_labels, gt_boxes
+
+    def forward_training(self, images, features, predictions, gt_instances):
         if self.loss_normalizer_ema >= 0:
             self.loss_normalizer = float(self.loss_normalizer_ema)
-        losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
+        losses = super().forward_training(images, features, predictions, gt_instances)
         self.loss_normalizer_ema.fill_(self.loss_normalizer)
+        step = self.current_step
+        pred_logits = [permute_to_N_HWA_K(x, self.num_classes) for x in predictions[0]]
         losses.update(
-            self._distill(
-                batched_inputs,
+            self.distillation_losses(
+                step.batched_inputs,
                 features,
                 pred_logits,
-                anchors,
-                gt_labels,
-                None if descriptors is None else [descriptors[f] for f in self.head_in_features],
+                step.anchors,
+                step.gt_labels,
+                None
+                if step.descriptors is None
+                else [step.descriptors[f] for f in self.head_in_features],
             )
         )
         return losses
 
-    def _distill(
+    def distillation_losses(
         self,
         batched_inputs: list[dict],
         features: list[Tensor],

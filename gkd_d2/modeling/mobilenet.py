@@ -187,9 +187,9 @@ class MobileNetV2Backbone(Backbone):
 
         last = max(names.index(f) for f in out_features)
         self.stage_names: list[str] = names[: last + 1]
-        self._out_features = list(out_features)
-        self._out_feature_channels: dict[str, int] = {}
-        self._out_feature_strides: dict[str, int] = {}
+        self.out_features = list(out_features)
+        self.out_feature_channels: dict[str, int] = {}
+        self.out_feature_strides: dict[str, int] = {}
         for name, start, end in STAGES[: last + 1]:
             # slices of the same Sequential: the modules (and loaded weights) are shared, and
             # slicing keeps torchvision's indices, so "features.5.conv..." becomes
@@ -203,8 +203,8 @@ class MobileNetV2Backbone(Backbone):
                 for p in stage.parameters():
                     p.requires_grad = False
             self.add_module(name, stage)
-            self._out_feature_channels[name] = _out_channels(stage)
-            self._out_feature_strides[name] = STRIDES[name]
+            self.out_feature_channels[name] = _out_channels(stage)
+            self.out_feature_strides[name] = STRIDES[name]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(N, 3, H, W)`` -> ``{name: (N, C, H / stride, W / stride)}`` (rounded up)."""
@@ -213,16 +213,16 @@ class MobileNetV2Backbone(Backbone):
         outputs = {}
         for name in self.stage_names:
             x = getattr(self, name)(x)
-            if name in self._out_features:
+            if name in self.out_features:
                 outputs[name] = x
         return outputs
 
     def output_shape(self) -> dict[str, ShapeSpec]:
         return {
             name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+                channels=self.out_feature_channels[name], stride=self.out_feature_strides[name]
             )
-            for name in self._out_features
+            for name in self.out_features
         }
 
 

@@ -1,0 +1,101 @@
+"""The private detectron2 and fvcore names that gkd_d2 still needs, each with its reason.
+
+Everything else in the package uses detectron2 and fvcore through their public API (a test
+fails when a private name of either is used outside this module). Each entry says why no
+public way exists and for which detectron2 version it is written; when detectron2 changes one
+of them, this is the one file to mend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch.distributed as dist
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.utils import comm
+
+
+class FileReadingCheckpointer(DetectionCheckpointer):
+    """A ``DetectionCheckpointer`` whose file reading and model loading can be customised and
+    whose key report can be read.
+
+    fvcore's ``Checkpointer`` reads a file in ``_load_file`` (the extension point its own
+    docstring names; detectron2 0.6 and main override it for ``.pkl``) and loads the weights in
+    ``_load_model``, which returns the missing, unexpected and wrong-shape keys that ``load``
+    only logs. Both are private in fvcore 0.1.5 (the version detectron2 0.6 and main pin).
+    """
+
+    def read_file(self, filename: str) -> dict:
+        """The checkpoint dict of ``filename``; by default detectron2's reading."""
+        return super()._load_file(filename)
+
+    def _load_file(self, filename: str) -> dict:
+        return self.read_file(filename)
+
+    def load_model_weights(self, checkpoint: dict) -> Any:
+        """Load ``checkpoint["model"]`` into the model non-strictly, as ``load`` does (with
+        detectron2's name matching for model-zoo files); return fvcore's incompatible keys
+        (``missing_keys``, ``unexpected_keys``, ``incorrect_shapes``)."""
+        return self._load_model(checkpoint)
+
+
+def set_local_process_group(group: dist.ProcessGroup) -> None:
+    """Make ``group`` detectron2's group of this machine's processes.
+
+    detectron2 main has the public ``comm.create_local_process_group``; 0.6 has none, and its
+    own launcher assigns the module's ``_LOCAL_PROCESS_GROUP``, as done here (0.6 only).
+    """
+    comm._LOCAL_PROCESS_GROUP = group
+
+
+@contextlib.contextmanager
+def ddp_for_cpu_modules(enabled: bool) -> Iterator[None]:
+    """While ``DefaultTrainer``'s constructor runs: DDP without ``device_ids`` (a CPU module).
+
+    ``DefaultTrainer.__init__`` (0.6 and main) calls ``create_ddp_model(model,
+    broadcast_buffers=False)``, which passes ``device_ids=[local_rank]``; DDP rejects that for
+    a CPU module, so CPU processes (gloo) could not train. The constructor looks the function
+    up in its module, so it is swapped there for the duration of the call.
+    """
+    if not enabled:
+        yield
+        return
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
+def inner_trainer(trainer: DefaultTrainer) -> SimpleTrainer:
+    """The ``SimpleTrainer``/``AMPTrainer`` that runs ``trainer``'s steps.
+
+    Its state (optimizer, AMP grad scaler) belongs in a checkpoint: main saves it under
+    "_trainer", 0.6 leaves it out; both keep the object private (``_trainer``).
+    """
+    return trainer._trainer
+
+
+def train_sampler_seed(cfg: CfgNode) -> int:
+    """The seed that detectron2's ``build_detection_train_loader(cfg)`` gives its
+    ``TrainingSampler``, so that train_net.py's trainer samples the images that a plain
+    ``DefaultTrainer`` would.
+
+    detectron2 main passes ``seed=cfg.SEED``; 0.6 passes none, so the sampler draws one shared
+    by all processes (``comm.shared_random_seed()``, from NumPy's RNG). The rule is read from
+    the private ``_train_loader_from_config`` that decides it.
+    """
+    from detectron2.data import build
+
+    if "seed=cfg.SEED" in inspect.getsource(build._train_loader_from_config):
+        return cfg.SEED
+    return comm.shared_random_seed()

@@ -1,0 +1,82 @@
+"""GKD in any detectron2 trainer: the hooks a GKD meta-architecture needs while it trains.
+
+class MyTrainer(DefaultTrainer):
+    def build_hooks(self):
+        return build_gkd_hooks(self.cfg) + super().build_hooks()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from detectron2.config import CfgNode
+from detectron2.engine import HookBase, TrainerBase
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from ..modeling import DistilledDetector
+from .evaluators import build_evaluator as evaluator_by_type
+from .prototype_refresh import PrototypeRefresh
+from .teacher_check import TeacherCheck
+
+
+def is_gkd_architecture(cfg: CfgNode) -> bool:
+    """Whether ``cfg`` builds a GKD student (a :class:`DistilledDetector`)."""
+    try:
+        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    except KeyError:
+        return False
+    return isinstance(arch, type) and issubclass(arch, DistilledDetector)
+
+
+def needs_prototypes(cfg: CfgNode) -> bool:
+    """Whether the distiller of ``cfg`` uses prototypes: r (ROBUST_WEIGHTS) or the global loss;
+    the local-only baseline needs no prototype generation."""
+    return cfg.MODEL.GKD.ROBUST_WEIGHTS or cfg.MODEL.GKD.GLOBAL_WEIGHT > 0
+
+
+def gkd_model_of(trainer: TrainerBase) -> DistilledDetector:
+    """The GKD student that ``trainer`` trains (its DDP wrapper's ``module`` when wrapped).
+
+    Raises:
+        TypeError: the trainer's model is not a GKD meta-architecture.
+    """
+    model = trainer.model
+    model = getattr(model, "module", model)
+    if not isinstance(model, DistilledDetector):
+        raise TypeError(
+            f"gkd_d2's hooks need a GKD student (GKDRetinaNet, GKDRCNN), but the trainer trains "
+            f"a {type(model).__name__}: set MODEL.META_ARCHITECTURE to a GKD meta-architecture"
+        )
+    return model
+
+
+def build_gkd_hooks(
+    cfg: CfgNode,
+    build_evaluator: Callable[[CfgNode, str, str], DatasetEvaluator] | None = None,
+) -> list[HookBase]:
+    """The hooks of a GKD run, to put before a trainer's own hooks (any ``TrainerBase`` with a
+    ``model``; ``DefaultTrainer`` and train_net.py's ``Trainer`` alike).
+
+    - the teacher check (MODEL.TEACHER.CHECK_IMAGES > 0): before iteration 0, the teacher's
+      bbox AP on a seeded subset; training stops when it is below MODEL.TEACHER.MIN_AP;
+    - the prototype refresh (PGM, paper section 3.2), unless the config is local-only KD:
+      before iteration 0 and then every MODEL.GKD.REFRESH_PERIOD iterations (one epoch).
+
+    Both build the student's frozen teacher from MODEL.TEACHER.* when it has none yet. For a
+    config that is not a GKD meta-architecture (e.g. the teacher's own training) the list is
+    empty, so one trainer serves both.
+
+    Args:
+        build_evaluator: the teacher check's evaluator, ``(cfg, dataset_name, folder)``; by
+            default COCO or VOC AP by the dataset's ``evaluator_type``.
+    """
+    if not is_gkd_architecture(cfg):
+        return []
+    ret: list[HookBase] = []
+    if cfg.MODEL.TEACHER.CHECK_IMAGES > 0:
+        # first: a useless teacher stops the run before anything else runs
+        ret.append(TeacherCheck(cfg, build_evaluator or evaluator_by_type))
+    if needs_prototypes(cfg):
+        ret.append(PrototypeRefresh(cfg))
+    return ret
