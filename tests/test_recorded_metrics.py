@@ -1,6 +1,7 @@
 """train_net.py's Trainer keeps its behaviour: a fixed-seed 30-iteration GKD run of each
 quick-start config (its teacher trained 30 iterations first, a prototype refresh at iterations
-0 and 15) logs the losses and r statistics recorded in tests/data/.
+0 and 15) logs the losses and r statistics recorded in tests/data/ for the installed detectron2
+build (``python -m tools.record_metrics``).
 
 Two runs on the same machine agree to the last digit (``python -m tools.record_metrics``, then
 compare). The tolerance here is for another CPU instruction set, where float sums round
@@ -23,9 +24,23 @@ RTOL, ATOL = 0.05, 0.01
 AP_ATOL = 5.0
 
 
+def detectron2_build() -> str:
+    """The installed detectron2 build as the installer names it, e.g. 'main-02b5c4e2'; the
+    builds sample differently (0.6 draws the train sampler's seed, main takes SEED), so each
+    has its own recording."""
+    try:
+        from detectron2._gkd_d2_build import GKD_D2_BUILD
+    except ImportError:
+        pytest.skip("detectron2 not installed by tools/install_detectron2.py: no recording")
+    return GKD_D2_BUILD["what"].replace(" ", "-")
+
+
 @pytest.mark.parametrize("detector", ["retinanet", "faster_rcnn"])
 def test_quickstart_run_logs_the_recorded_metrics(tmp_path, detector):
-    recorded = json.loads((REPO / "tests" / "data" / f"metrics_{detector}.json").read_text())
+    path = REPO / "tests" / "data" / f"metrics_{detector}.{detectron2_build()}.json"
+    if not path.is_file():
+        pytest.skip(f"no recording for this detectron2 build ({path.name})")
+    recorded = json.loads(path.read_text())
     got = record(
         detector,
         str(tmp_path),
