@@ -6,7 +6,8 @@
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS out/model_final.pth
     python train_net.py --config-file CONFIG --resume   # from OUTPUT_DIR/last_checkpoint
 
-On a machine without a GPU, ``--num-gpus N`` runs N CPU processes (gloo).
+On a machine without a GPU, ``--num-gpus N`` runs N CPU processes (gloo). The final evaluation
+is also written to ``OUTPUT_DIR/results.json`` (``gkd_d2.engine.results.read_results``).
 """
 
 import argparse

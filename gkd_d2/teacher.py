@@ -14,14 +14,14 @@ import os
 from collections.abc import Sequence
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointLoadError, GKDCheckpointer, nearby_checkpoints
-from .config import ConfigError, add_gkd_config, check_supported, merge_config
+from .config import ConfigError, check_supported, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class TeacherLoadError(RuntimeError):
 
 
 def _resolve_config_file(name: str) -> str:
-    """A yaml path as is (``merge_config`` has already made a path that a yaml names relative
+    """A yaml path as is (``load_config`` has already made a path that a yaml names relative
     to that yaml), else the path of a detectron2 model-zoo config of that name."""
     if os.path.isfile(name):
         return name
@@ -68,10 +68,8 @@ def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
             "MODEL.TEACHER.CONFIG_FILE is empty: set it to the teacher's detectron2 config "
             "(a yaml path or a model-zoo name)"
         )
-    tcfg = get_cfg()
-    add_gkd_config(tcfg)
     try:
-        merge_config(tcfg, _resolve_config_file(name), list(cfg.MODEL.TEACHER.OPTS))
+        tcfg = load_config(_resolve_config_file(name), list(cfg.MODEL.TEACHER.OPTS))
     except ConfigError as e:
         # say it is the teacher's config, not the student's
         raise ConfigError(f"Teacher config (MODEL.TEACHER.CONFIG_FILE / OPTS): {e}") from None
