@@ -96,3 +96,17 @@ def test_gkd_hooks_are_empty_for_a_plain_detector():
     gkd.MODEL.GKD.ROBUST_WEIGHTS = False  # local-only KD: no prototypes
     gkd.MODEL.TEACHER.CHECK_IMAGES = 0
     assert build_gkd_hooks(gkd) == []
+
+
+def test_gkd_hooks_name_a_trainer_whose_model_is_not_gkd():
+    """GKD hooks put on a trainer of a plain detector stop with the class and the key to set."""
+    from types import SimpleNamespace
+
+    from gkd_d2.engine.hooks import gkd_model_of
+
+    plain = build_model(load_config(str(REPO / "tests" / "configs" / "tiny_retinanet.yaml")))
+    with pytest.raises(TypeError, match=r"trains a RetinaNet: set MODEL\.META_ARCHITECTURE"):
+        gkd_model_of(SimpleNamespace(model=plain))
+    # a DDP-style wrapper is looked through
+    gkd = build_model(load_config(str(REPO / "tests" / "configs" / "tiny_gkd_retinanet.yaml")))
+    assert gkd_model_of(SimpleNamespace(model=SimpleNamespace(module=gkd))) is gkd
