@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gkd_d2.config import load_config
     from gkd_d2.engine import PrototypeRefresh, Trainer, setup_cfg
+    from gkd_d2.engine.schedule import refresh_period
     from gkd_d2.teacher import load_teacher_cfg
 
     probe = load_config(str(REPO / ns.config), ns.opts)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         counts["teacher"] += len(inputs)
         return teacher_features(inputs)
 
-    period = Trainer.refresh_period(cfg)
+    period = refresh_period(cfg)
     result = {"config": ns.config, "refresh_period_iters": period}
     with EventStorage(0) as storage:
         trainer.storage = storage

@@ -13,6 +13,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import HookBase, TrainerBase
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
 
 from ..modeling import DistilledDetector
 from .evaluators import build_evaluator as evaluator_by_type
@@ -35,14 +36,18 @@ def needs_prototypes(cfg: CfgNode) -> bool:
     return cfg.MODEL.GKD.ROBUST_WEIGHTS or cfg.MODEL.GKD.GLOBAL_WEIGHT > 0
 
 
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (its ``module``), or ``model`` itself."""
+    return getattr(model, "module", model)
+
+
 def gkd_model_of(trainer: TrainerBase) -> DistilledDetector:
     """The GKD student that ``trainer`` trains (its DDP wrapper's ``module`` when wrapped).
 
     Raises:
         TypeError: the trainer's model is not a GKD meta-architecture.
     """
-    model = trainer.model
-    model = getattr(model, "module", model)
+    model = unwrap_ddp(trainer.model)
     if not isinstance(model, DistilledDetector):
         raise TypeError(
             f"gkd_d2's hooks need a GKD student (GKDRetinaNet, GKDRCNN), but the trainer trains "

@@ -20,7 +20,7 @@ from detectron2.structures import BoxMode, ImageList
 from detectron2.utils import comm
 from torch import Tensor
 
-from ..distill import pool_at_levels, select_prototypes
+from ..distill import box_crop_mean, select_prototypes
 from .rng import preserved_rng
 from .schedule import refresh_period, train_dataset_dicts
 
@@ -121,10 +121,9 @@ def extract_instance_features(
             rows.append(sel)
         device = feats[level_names[0]].device
         boxes_t, bidx = torch.cat(boxes).to(device), torch.cat(batch_idx).to(device)
-        maps = [feats[name] for name in level_names]
-        for k in range(len(level_names)):
-            at_k = torch.full_like(bidx, k)  # every instance at every level
-            feats_out[k].append(pool_at_levels(maps, boxes_t, bidx, strides, at_k).float().cpu())
+        # every instance at every level
+        for k, (name, stride) in enumerate(zip(level_names, strides)):
+            feats_out[k].append(box_crop_mean(feats[name], boxes_t, bidx, stride).float().cpu())
         ids_out.append(torch.cat(rows))
         done = b0 + len(chunk)
         if time.perf_counter() - last_log > 10 or done == len(image_ids):

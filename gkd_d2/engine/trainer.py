@@ -26,9 +26,9 @@ from ..compat import ddp_for_cpu_modules, inner_trainer, train_sampler_seed
 from ..config import check_supported, load_config
 from ..modeling import DistilledDetector
 from .evaluators import build_evaluator
-from .hooks import build_gkd_hooks
+from .hooks import build_gkd_hooks, unwrap_ddp
 from .rng import rng_state, set_rng_state
-from .schedule import epoch_length, num_epochs, refresh_period, train_dataset_dicts
+from .schedule import train_dataset_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +158,6 @@ class ResumableTrainLoader:
         yield from self.loader if start == 0 else torch_rng_neutral(self._build(start))
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 class FinishedRunEvalHook(hooks.EvalHook):
     """detectron2's EvalHook that skips the final evaluation of a run that failed.
 
@@ -212,7 +208,7 @@ class Trainer(DefaultTrainer):
         with ddp_for_cpu_modules(cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1):
             super().__init__(cfg)
         del self.build_train_loader
-        model = _unwrap(self.model)
+        model = unwrap_ddp(self.model)
         # a NaN/Inf loss term stops training before its backward pass, named with the iteration
         self.finite_loss_check = model.register_forward_hook(_FiniteLossHook(self.checkpointer))
         if isinstance(model, DistilledDetector):
@@ -222,11 +218,6 @@ class Trainer(DefaultTrainer):
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
         check_supported(cfg, "the config")
         return super().build_model(cfg)
-
-    # epochs of the training set (gkd_d2.engine.schedule), kept here for the tools
-    epoch_length = staticmethod(epoch_length)
-    refresh_period = staticmethod(refresh_period)
-    num_epochs = staticmethod(num_epochs)
 
     def build_hooks(self) -> list:
         # the checkpointer that reads and writes atomically; DefaultTrainer's hooks save with it

@@ -12,11 +12,11 @@ from torch import Tensor, nn
 
 from ..distill import (
     SOFT_LABEL_FORMS,
+    box_crop_mean,
     decoupled_imitation_losses,
     foreground_mask,
     global_alignment_loss,
     global_representation,
-    pool_at_levels,
     robustness_weights,
     soft_label_kl,
 )
@@ -300,11 +300,11 @@ class GKDDistiller(nn.Module):
                     continue
                 ps, pt, starts = self.bank(lvl)
                 # the instances of this level (with the global loss: every instance, here)
-                at = (boxes[sel], batch_idx[sel], self.strides, torch.full_like(levels[sel], lvl))
+                at = (boxes[sel], batch_idx[sel], self.strides[lvl])
                 with torch.set_grad_enabled(use_global and torch.is_grad_enabled()):
-                    s = pool_at_levels(descriptor_feats, *at)
+                    s = box_crop_mean(descriptor_feats[lvl], *at)
                 with torch.no_grad():
-                    t = pool_at_levels(teacher_feats, *at)
+                    t = box_crop_mean(teacher_feats[lvl], *at)
                 r_lvl = robustness_weights(s, t, ps, pt, classes[sel], starts, clamp=self.clamp_r)
                 own = levels[sel] == lvl
                 r[sel.nonzero().flatten()[own]] = r_lvl[own]
