@@ -71,6 +71,9 @@ def add_gkd_config(cfg: CN) -> CN:
     # with the temperature), "auto" = "sigmoid" for a one-class RetinaNet (a softmax over one
     # logit is constant: its KL would be 0), else "softmax"
     g.SOFT_LABEL = "auto"
+    # where foreground boxes overlap in a level's mask: "max" (the largest r of the boxes on a
+    # cell; order-independent) or "last" (the official rule: the last box in row order wins)
+    g.FG_OVERLAP = "max"
     g.FG_WEIGHT = 1.0
     g.BG_WEIGHT = 4.0
     g.SOFT_WEIGHT = 1.0

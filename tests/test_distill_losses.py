@@ -63,13 +63,15 @@ def test_an_instance_with_r_zero_stays_foreground():
     assert mask[0, 0:2, 0:2].abs().sum() == 0 and torch.all(mask[0, 2, 2:4] == 0.5)
     g = torch.Generator().manual_seed(1)
     t, s = torch.randn(1, 2, 4, 4, generator=g), torch.randn(1, 2, 4, 4, generator=g)
-    fg, bg = decoupled_imitation_losses(s, t, mask, covered)
+    fg, bg, fg_unit = decoupled_imitation_losses(s, t, mask, covered)
     d = ((s - t) ** 2).sum(dim=1)[0]
     torch.testing.assert_close(fg, (d[2, 2:4] * 0.5).sum() / (2 * 2 * 1.0))
+    # weight 1 on all 6 covered cells, the r = 0 ones included
+    torch.testing.assert_close(fg_unit, d[want_covered[0]].sum() / (2 * 2 * 6))
     bg_cells = ~want_covered[0]
     torch.testing.assert_close(bg, d[bg_cells].sum() / (2 * 2 * bg_cells.sum()))
     # the official rule differs exactly there: the r = 0 cells join the background
-    _, bg_official = decoupled_imitation_losses(s, t, mask)
+    _, bg_official, _ = decoupled_imitation_losses(s, t, mask)
     torch.testing.assert_close(bg_official, d[mask[0] <= 0].sum() / (2 * 2 * 14))
 
 
@@ -80,17 +82,19 @@ def test_decoupled_losses_by_hand_and_zero_when_equal():
     mask = torch.zeros(2, 4, 5)
     mask[0, 1:3, 2:4] = 0.5
     mask[1, 0, 0] = 1.0
-    fg, bg = decoupled_imitation_losses(s, t, mask)
+    fg, bg, fg_unit = decoupled_imitation_losses(s, t, mask)
     d = (s - t) ** 2
     want_fg = (d * mask[:, None]).sum() / (2 * 3 * mask.sum())
     bgm = (mask <= 0).float()
     want_bg = (d * bgm[:, None]).sum() / (2 * 3 * bgm.sum())
     torch.testing.assert_close(fg, want_fg)
     torch.testing.assert_close(bg, want_bg)
-    fg0, bg0 = decoupled_imitation_losses(t.clone(), t, mask)
+    fgm = (mask > 0).float()
+    torch.testing.assert_close(fg_unit, (d * fgm[:, None]).sum() / (2 * 3 * fgm.sum()))
+    fg0, bg0, _ = decoupled_imitation_losses(t.clone(), t, mask)
     assert fg0.item() == 0.0 and bg0.item() == 0.0
     # empty foreground: normaliser max(1, .) keeps it finite
-    fg_empty, _ = decoupled_imitation_losses(s, t, torch.zeros(2, 4, 5))
+    fg_empty, _, _ = decoupled_imitation_losses(s, t, torch.zeros(2, 4, 5))
     assert fg_empty.item() == 0.0
 
 
@@ -174,3 +178,86 @@ def test_global_alignment_loss():
 def test_linear_attenuation():
     got = [linear_attenuation(e, 24) for e in (0, 12, 23, 30)]
     assert got == pytest.approx([1.0, 0.5, 1 / 24, 0.0])
+
+
+def _overlap_scene():
+    """Four boxes on one 4 x 4 level of stride 8, in row order, with their cells:
+    A (r 0.9) rows 0-1, cols 0-2; B (r 0.2) rows 1-2, cols 1-3 (overlaps A on (1, 1), (1, 2));
+    C (r 0.5) degenerate (zero height) at cell (1, 1); D (r 0.7) rows 2-3, cols 0-1,
+    overlapping B on (2, 1)."""
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 24.0, 16.0],
+            [8.0, 8.0, 32.0, 24.0],
+            [8.0, 8.0, 16.0, 8.0],
+            [0.0, 16.0, 16.0, 32.0],
+        ]
+    )
+    return boxes, torch.zeros(4, dtype=torch.long), torch.tensor([0.9, 0.2, 0.5, 0.7])
+
+
+def test_foreground_mask_overlap_max_by_hand():
+    boxes, batch_idx, r = _overlap_scene()
+    mask, covered = foreground_mask(boxes, batch_idx, r, 8.0, (1, 4, 4), "max")
+    want = torch.tensor(
+        [
+            [0.9, 0.9, 0.9, 0.0],
+            [0.9, 0.9, 0.9, 0.2],
+            [0.7, 0.7, 0.2, 0.2],
+            [0.7, 0.7, 0.0, 0.0],
+        ]
+    )
+    torch.testing.assert_close(mask[0], want)
+    assert torch.equal(covered[0], want > 0)
+
+
+def test_foreground_mask_overlap_last_is_the_official_loop_by_hand():
+    boxes, batch_idx, r = _overlap_scene()
+    mask, covered = foreground_mask(boxes, batch_idx, r, 8.0, (1, 4, 4), "last")
+    # written in row order: B overwrites A on (1, 1) and (1, 2); C (degenerate) raises (1, 1)
+    # to max(0.2, 0.5); D overwrites B on (2, 1)
+    want = torch.tensor(
+        [
+            [0.9, 0.9, 0.9, 0.0],
+            [0.9, 0.5, 0.2, 0.2],
+            [0.7, 0.7, 0.2, 0.2],
+            [0.7, 0.7, 0.0, 0.0],
+        ]
+    )
+    torch.testing.assert_close(mask[0], want)
+    assert torch.equal(covered[0], want > 0)
+    # the official loop itself, written out, on the same boxes
+    official = torch.zeros(4, 4)
+    for (x1, y1, x2, y2), w in zip((boxes / 8).floor().long().tolist(), r.tolist()):
+        x2, y2 = min(x2, 4), min(y2, 4)
+        if x2 <= x1 or y2 <= y1:
+            official[y1, x1] = max(official[y1, x1].item(), w)
+        else:
+            official[y1:y2, x1:x2] = w
+    torch.testing.assert_close(mask[0], official)
+    # order matters under "last": B last makes it win on the overlaps with A and D; a
+    # degenerate box before its overwriter loses
+    order = torch.tensor([2, 0, 3, 1])
+    mask_b_last, _ = foreground_mask(boxes[order], batch_idx, r[order], 8.0, (1, 4, 4), "last")
+    assert mask_b_last[0, 1, 1] == 0.2 and mask_b_last[0, 1, 2] == 0.2
+    assert mask_b_last[0, 2, 1] == 0.2 and mask_b_last[0, 0, 0] == 0.9
+
+
+def test_foreground_mask_overlap_rules_agree_without_overlap_and_per_image():
+    g = torch.Generator().manual_seed(3)
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 32.0, 32.0], [16.0, 16.0, 32.0, 32.0]])
+    batch_idx = torch.tensor([0, 1, 0])  # the second box is alone in image 1
+    r = torch.rand(3, generator=g)
+    a, ca = foreground_mask(boxes, batch_idx, r, 8.0, (2, 4, 4), "max")
+    b, cb = foreground_mask(boxes, batch_idx, r, 8.0, (2, 4, 4), "last")
+    torch.testing.assert_close(a, b)
+    assert torch.equal(ca, cb)
+    # binary weights (local-only KD): the rules agree whatever overlaps
+    boxes3, batch3, _ = _overlap_scene()
+    ones = torch.ones(4)
+    torch.testing.assert_close(
+        foreground_mask(boxes3, batch3, ones, 8.0, (1, 4, 4), "max")[0],
+        foreground_mask(boxes3, batch3, ones, 8.0, (1, 4, 4), "last")[0],
+    )
+    with pytest.raises(ValueError, match="overlap must be one of"):
+        foreground_mask(boxes3, batch3, ones, 8.0, (1, 4, 4), "first")

@@ -1,5 +1,6 @@
 """GKDDistiller: the prototype bank and the combined losses."""
 
+import pytest
 import torch
 from conftest import identity_adapters
 
@@ -245,7 +246,13 @@ def test_shuffled_r_control_permutes_the_weights_and_resumes(monkeypatch):
     losses_a, stats_a = shuffled(feats, teacher, boxes, bidx, classes, levels, zs, zt)
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(5 + 0))
     assert torch.equal(seen[2], r[perm]) and not torch.equal(seen[2], r)
-    assert stats_a == stats  # the statistics describe r itself
+    # r's statistics describe r itself; the effects describe the weights that were applied
+    effects = {"gkd/r_effect_fg", "gkd/r_effect_soft"}
+    assert effects <= set(stats) and effects <= set(stats_a)
+    assert {k: v for k, v in stats_a.items() if k not in effects} == {
+        k: v for k, v in stats.items() if k not in effects
+    }
+    assert stats_a["gkd/r_effect_soft"] != stats["gkd/r_effect_soft"]
     # soft labels weighted by the same permuted r
     want = soft_label_kl(zs, zt, r[perm], shuffled.temperature, shuffled.soft_label)
     assert torch.allclose(losses_a["loss_gkd_soft"], want)
@@ -276,3 +283,98 @@ def test_shuffled_r_from_the_config():
     cfg = load_config(opts=["MODEL.GKD.SHUFFLE_R", "True", "MODEL.GKD.SAMPLE_SEED", "7"])
     d = GKDDistiller.from_config(cfg, [8, 16], 4, 4, 3, "sum", "softmax")
     assert d.shuffle_r and d.shuffle_seed == 7 and int(d.shuffle_calls) == 0
+
+
+def test_logged_effects_sizes_and_instance_record_by_hand():
+    """What the distiller logs of r, checked by hand: r by COCO size group of the matched
+    ground truth, the fg and soft terms with r divided by the same terms with weight 1; and
+    the record of what each instance got (the tool's 'r that trained')."""
+    from gkd_d2.distill import decoupled_imitation_losses, foreground_mask
+
+    d = make_distiller(global_weight=0.0)
+    identity_adapters(d)
+    feats, boxes, bidx, classes, levels = batch()
+    teacher = [f + 0.3 * torch.randn_like(f) for f in feats]
+    torch.manual_seed(0)
+    for lvl in range(2):
+        for c in range(3):
+            d.set_bank(lvl, c, torch.randn(2, 4), torch.randn(2, 4))
+    zs, zt = torch.randn(3, 3), torch.randn(3, 3)
+    # three instances matched to ground truths 2, 0, 2 of areas small, large, small
+    instance_gt = torch.tensor([2, 0, 2])
+    gt_areas = torch.tensor([100.0**2, 50.0**2, 20.0**2])
+    records = []
+    with d.recording_instances(records.append):
+        losses, stats = d(
+            feats, teacher, boxes, bidx, classes, levels, zs, zt,
+            instance_gt=instance_gt, gt_areas=gt_areas,
+        )  # fmt: skip
+    d(feats, teacher, boxes, bidx, classes, levels, zs, zt)  # outside: not recorded
+    assert len(records) == 1
+    rec = records[0]
+    r = rec.r
+    assert torch.equal(rec.weights, r) and rec.soft_r is None
+    assert torch.equal(rec.instance_gt, instance_gt) and torch.equal(rec.boxes, boxes)
+    assert rec.map_shapes == [(2, 8, 8), (2, 4, 4)]
+    assert stats["gkd/r_mean"] == pytest.approx(float(r.mean()))
+    assert stats["gkd/r_mean_small"] == pytest.approx(float((r[0] + r[2]) / 2))
+    assert stats["gkd/r_mean_large"] == pytest.approx(float(r[1]))
+    assert "gkd/r_mean_medium" not in stats  # no medium instance in this batch
+    # fg with r / fg with weight 1, over both levels (LEVEL_REDUCTION sum)
+    fg_r = fg_1 = 0.0
+    for lvl, stride in enumerate([8, 16]):
+        sel = levels == lvl
+        shape = (2, *feats[lvl].shape[2:])
+        mask, covered = foreground_mask(boxes[sel], bidx[sel], r[sel], stride, shape)
+        fg_r += decoupled_imitation_losses(feats[lvl], teacher[lvl], mask, covered)[0]
+        ones = covered.float()
+        fg_1 += decoupled_imitation_losses(feats[lvl], teacher[lvl], ones, covered)[0]
+    assert stats["gkd/r_effect_fg"] == pytest.approx(float(fg_r / fg_1), rel=1e-5)
+    soft_1 = soft_label_kl(zs, zt, torch.ones(3), 2.0)
+    assert stats["gkd/r_effect_soft"] == pytest.approx(float(losses["loss_gkd_soft"] / soft_1))
+    assert stats["gkd/r_effect_soft"] < 1  # r < 1 shrinks the soft term; fg is normalised
+    # the local-only baseline logs no r and no effect
+    base = make_distiller(global_weight=0.0, robust=False)
+    _, base_stats = base(feats, teacher, boxes, bidx, classes, levels, zs, zt)
+    assert set(base_stats) == {"gkd/num_instances"}
+
+
+def test_fg_overlap_option_reaches_the_mask():
+    """MODEL.GKD.FG_OVERLAP: the distiller's fg loss is the one of the mask built by the rule."""
+    from gkd_d2.distill import decoupled_imitation_losses, foreground_mask
+
+    with pytest.raises(ValueError, match="MODEL.GKD.FG_OVERLAP must be one of"):
+        make_distiller(fg_overlap="min")
+    feats, _, _, _, _ = batch()
+    teacher = [
+        f + torch.linspace(0, 2, 8 * 8).view(8, 8)[: f.shape[2], : f.shape[3]] for f in feats
+    ]
+    # two overlapping boxes on level 0 of image 0 (cells 0-3 and 2-5); their r differ
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [16.0, 16.0, 48.0, 48.0]])
+    classes = torch.tensor([0, 1])
+    bidx, levels = torch.tensor([0, 0]), torch.tensor([0, 0])
+    logits = torch.zeros(2, 3)
+    torch.manual_seed(1)
+    bank = [(torch.randn(2, 4), torch.randn(2, 4)) for _ in range(3)]
+    fg = {}
+    for order in ([0, 1], [1, 0]):
+        for rule in ("max", "last"):
+            d = make_distiller(global_weight=0.0, fg_overlap=rule, soft_weight=0.0)
+            identity_adapters(d)
+            for c, (ps, pt) in enumerate(bank):
+                d.set_bank(0, c, ps, pt)
+            records = []
+            with d.recording_instances(records.append):
+                losses, _ = d(
+                    feats, teacher, boxes[order], bidx, classes[order], levels, logits, logits
+                )
+            r = records[0].weights
+            mask, covered = foreground_mask(boxes[order], bidx, r, 8, (2, 8, 8), rule)
+            want = decoupled_imitation_losses(feats[0], teacher[0], mask, covered)[0]
+            fg[rule, order[0]] = losses["loss_gkd_fg"]
+            torch.testing.assert_close(fg[rule, order[0]], want)
+    assert abs(float(r[0] - r[1])) > 0.01
+    torch.testing.assert_close(fg["max", 0], fg["max", 1])  # max: order-independent
+    # last: the box written last wins the overlap, so exactly one order differs from max
+    differs = [not torch.allclose(fg["last", o], fg["max", o]) for o in (0, 1)]
+    assert sorted(differs) == [False, True]

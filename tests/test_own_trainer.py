@@ -92,10 +92,11 @@ def test_gkd_hooks_are_empty_for_a_plain_detector():
     cfg = load_config(str(REPO / "tests" / "configs" / "tiny_retinanet.yaml"))
     assert build_gkd_hooks(cfg) == []
     gkd = load_config(str(REPO / "tests" / "configs" / "tiny_gkd_retinanet.yaml"))
-    assert [type(h).__name__ for h in build_gkd_hooks(gkd)] == ["TeacherCheck", "PrototypeRefresh"]
+    names = ["TeacherCheck", "PrototypeRefresh", "LossShares"]
+    assert [type(h).__name__ for h in build_gkd_hooks(gkd)] == names
     gkd.MODEL.GKD.ROBUST_WEIGHTS = False  # local-only KD: no prototypes
     gkd.MODEL.TEACHER.CHECK_IMAGES = 0
-    assert build_gkd_hooks(gkd) == []
+    assert [type(h).__name__ for h in build_gkd_hooks(gkd)] == ["LossShares"]
 
 
 def test_gkd_hooks_name_a_trainer_whose_model_is_not_gkd():

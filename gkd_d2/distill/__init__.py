@@ -1,7 +1,9 @@
 """The math of GKD as pure tensor functions (no detectron2 state): pooling, PGM, RDM, losses."""
 
 from .losses import (
+    FG_OVERLAP_RULES,
     SOFT_LABEL_FORMS,
+    box_cells,
     decoupled_imitation_losses,
     foreground_mask,
     global_alignment_loss,
@@ -24,7 +26,9 @@ from .robustness import (
 )
 
 __all__ = [
+    "FG_OVERLAP_RULES",
     "SOFT_LABEL_FORMS",
+    "box_cells",
     "decoupled_imitation_losses",
     "foreground_mask",
     "global_alignment_loss",

@@ -10,6 +10,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# how foreground_mask resolves boxes that overlap (MODEL.GKD.FG_OVERLAP)
+FG_OVERLAP_RULES = ("max", "last")
+
+
+def box_cells(
+    boxes: torch.Tensor, stride: float, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cells of a level that each box marks in the foreground mask (official ranges).
+
+    y in [floor(y1/s), min(floor(y2/s), H)), x likewise (end exclusive, start clamped into the
+    map); a box whose range is empty in x or y (degenerate) marks the one cell
+    (floor(y1/s), floor(x1/s)).
+
+    Args:
+        boxes: (N, 4) XYXY boxes in input pixels.
+        stride: the level's stride.
+        size: (H, W) of the level's maps.
+
+    Returns:
+        inside: (N, H * W) bool, the cells of each box (row-major);
+        degenerate: (N,) bool, the boxes that mark their single corner cell.
+    """
+    H, W = size
+    cells = torch.floor(boxes / stride).long()
+    xs, ys = cells[:, 0].clamp(0, W - 1), cells[:, 1].clamp(0, H - 1)
+    xe, ye = cells[:, 2].clamp(max=W), cells[:, 3].clamp(max=H)
+    degenerate = (xe <= xs) | (ye <= ys)
+    xe = torch.where(degenerate, xs + 1, xe)
+    ye = torch.where(degenerate, ys + 1, ye)
+    rows = torch.arange(H, device=boxes.device)
+    cols = torch.arange(W, device=boxes.device)
+    in_rows = (rows >= ys[:, None]) & (rows < ye[:, None])  # (N, H)
+    in_cols = (cols >= xs[:, None]) & (cols < xe[:, None])  # (N, W)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).reshape(len(boxes), H * W), degenerate
+
 
 def foreground_mask(
     boxes: torch.Tensor,
@@ -17,13 +52,19 @@ def foreground_mask(
     weights: torch.Tensor,
     stride: float,
     shape: tuple[int, int, int],
+    overlap: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Robustness-weighted foreground mask of one FPN level, and the cells it covers.
 
-    Each box marks cells y in [floor(y1/s), min(floor(y2/s), H)), x likewise (end exclusive),
-    with its weight; a box whose range is empty in x or y marks only the cell
-    (floor(y1/s), floor(x1/s)). Overlaps keep the largest weight (the official code lets the
-    last box win; max is order-independent). Pass only the boxes assigned to this level.
+    Each box marks its cells (:func:`box_cells`: the official ranges, end exclusive; a
+    degenerate box marks one cell) with its weight. Pass only the boxes assigned to this level.
+    Where boxes overlap (``MODEL.GKD.FG_OVERLAP``):
+
+    * "max": the cell keeps the largest weight of the boxes covering it (order-independent);
+    * "last": the official rule (``DAVAR-Lab-ML`` distiller's mask loop): boxes are written in
+      row order, a box overwrites its range and a degenerate box keeps max(current, weight).
+      A cell's weight is then that of the last non-degenerate box covering it, raised to the
+      largest weight of the degenerate boxes that come after it.
 
     A covered cell is foreground whatever its weight: an instance with r = 0 gets weight 0 in
     the fg term and its cells are not imitated as background (the official code takes
@@ -35,32 +76,40 @@ def foreground_mask(
         weights: (N,) weight of each box (r, or ones for binary DeFeat-style masks).
         stride: the level's stride.
         shape: (B, H, W) of the level's maps.
+        overlap: "max" or "last" (above); the official order is the rows' order.
 
     Returns:
         mask: (B, H, W) weights, 0 on background;
         covered: (B, H, W) bool, True on the cells of at least one box.
     """
+    if overlap not in FG_OVERLAP_RULES:
+        raise ValueError(
+            f"foreground_mask: overlap must be one of {FG_OVERLAP_RULES}, not {overlap!r}"
+        )
     B, H, W = shape
     mask = weights.new_zeros((B, H, W))
     if boxes.numel() == 0:
         return mask, torch.zeros((B, H, W), dtype=torch.bool, device=mask.device)
-    cells = torch.floor(boxes / stride).long()
-    xs, ys = cells[:, 0].clamp(0, W - 1), cells[:, 1].clamp(0, H - 1)
-    xe, ye = cells[:, 2].clamp(max=W), cells[:, 3].clamp(max=H)
-    degenerate = (xe <= xs) | (ye <= ys)
-    xe = torch.where(degenerate, xs + 1, xe)
-    ye = torch.where(degenerate, ys + 1, ye)
-    rows = torch.arange(H, device=boxes.device)
-    cols = torch.arange(W, device=boxes.device)
-    in_rows = (rows >= ys[:, None]) & (rows < ye[:, None])  # (N, H)
-    in_cols = (cols >= xs[:, None]) & (cols < xe[:, None])  # (N, W)
-    inside = (in_rows[:, :, None] & in_cols[:, None, :]).reshape(len(boxes), H * W)
+    inside, degenerate = box_cells(boxes, stride, (H, W))
     index = batch_idx[:, None].expand(-1, H * W)
-    src = (inside * weights[:, None]).to(mask.dtype)
-    mask = mask.view(B, H * W).scatter_reduce_(0, index, src, "amax").view(B, H, W)
     covered = torch.zeros((B, H * W), dtype=mask.dtype, device=mask.device)
-    covered = covered.scatter_reduce_(0, index, inside.to(mask.dtype), "amax")
-    return mask, covered.view(B, H, W) > 0
+    covered = covered.scatter_reduce_(0, index, inside.to(mask.dtype), "amax").view(B, H, W) > 0
+    if overlap == "max":
+        src = (inside * weights[:, None]).to(mask.dtype)
+        mask = mask.view(B, H * W).scatter_reduce_(0, index, src, "amax").view(B, H, W)
+        return mask, covered
+    # "last": the row of the last non-degenerate box on each cell (-1: none) gives its weight
+    rows_of = torch.arange(len(boxes), device=boxes.device)[:, None].expand(-1, H * W)
+    writes = inside & ~degenerate[:, None]
+    last = torch.full((B, H * W), -1, dtype=torch.long, device=boxes.device)
+    last = last.scatter_reduce_(0, index, torch.where(writes, rows_of, -1), "amax")
+    has_writer = last >= 0
+    mask = torch.where(has_writer, weights.to(mask.dtype)[last.clamp(min=0)], mask.view(B, H * W))
+    # then each degenerate box that comes after that writer raises its one cell by max
+    after = inside & degenerate[:, None] & (rows_of > last.gather(0, index))
+    src = (after * weights[:, None]).to(mask.dtype)
+    mask = mask.scatter_reduce_(0, index, src, "amax")
+    return mask.view(B, H, W), covered
 
 
 def decoupled_imitation_losses(
@@ -68,12 +117,14 @@ def decoupled_imitation_losses(
     teacher: torch.Tensor,
     mask: torch.Tensor,
     covered: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Foreground and background feature-imitation losses of one level (unweighted).
 
     With D = (A - T)^2 and G the background cells (not covered by any box):
     L_fg = sum(D * M) / max(1, 2 C sum M) and L_bg = sum(D * G) / max(1, 2 C sum G);
-    M and G are broadcast over channels.
+    M and G are broadcast over channels. Also L_fg with weight 1 on every covered cell (what
+    L_fg would be with r = 1, without a graph): L_fg / that is how much the weights moved the
+    foreground term on this batch.
 
     Args:
         adapted_student: (B, C, H, W) student map after the level's adapter.
@@ -83,14 +134,18 @@ def decoupled_imitation_losses(
             where ``mask > 0`` (the official rule, under which a weight-0 box is background).
 
     Returns:
-        (L_fg, L_bg) scalars.
+        (L_fg, L_bg, L_fg at weight 1) scalars.
     """
     C = teacher.shape[1]
     sq = (adapted_student - teacher).pow(2).sum(dim=1)  # (B, H, W): channels summed once
-    bg = (~covered if covered is not None else mask <= 0).to(sq.dtype)
+    fg_cells = covered if covered is not None else mask > 0
+    bg = (~fg_cells).to(sq.dtype)
     fg_loss = (sq * mask).sum() / torch.clamp(2 * C * mask.sum(), min=1.0)
     bg_loss = (sq * bg).sum() / torch.clamp(2 * C * bg.sum(), min=1.0)
-    return fg_loss, bg_loss
+    with torch.no_grad():
+        unit = fg_cells.to(sq.dtype)
+        fg_unit = (sq * unit).sum() / torch.clamp(2 * C * unit.sum(), min=1.0)
+    return fg_loss, bg_loss, fg_unit
 
 
 SOFT_LABEL_FORMS = ("softmax", "sigmoid")

@@ -56,6 +56,39 @@ def gkd_model_of(trainer: TrainerBase) -> DistilledDetector:
     return model
 
 
+class LossShares(HookBase):
+    """Logs each distillation term's share of the total loss, so that a term that swamps the
+    detection losses shows: ``gkd/loss_share_<term>`` (``loss_gkd_soft`` ->
+    ``gkd/loss_share_soft``) and ``gkd/loss_share_kd`` for all of them together.
+
+    Read from what the trainer logged for the iteration (``total_loss`` and the losses, already
+    averaged over ranks), after the step: it costs no device synchronisation. Only the process
+    that holds those values (the main one) logs the shares.
+    """
+
+    def before_train(self) -> None:
+        self._names = gkd_model_of(self.trainer).distiller.loss_names
+
+    def after_step(self) -> None:
+        latest = self.trainer.storage.latest()
+        total = latest.get("total_loss")
+        if total is None or total[1] != self.trainer.iter or total[0] == 0:
+            return
+        shares = {
+            name: latest[name][0] / total[0]
+            for name in self._names
+            if name in latest and latest[name][1] == self.trainer.iter
+        }
+        if not shares:
+            return
+        scalars = {
+            "gkd/loss_share_" + name.removeprefix("loss_gkd_").removeprefix("loss_"): v
+            for name, v in shares.items()
+        }
+        scalars["gkd/loss_share_kd"] = sum(shares.values())
+        self.trainer.storage.put_scalars(**scalars)
+
+
 def build_gkd_hooks(
     cfg: CfgNode,
     build_evaluator: Callable[[CfgNode, str, str], DatasetEvaluator] | None = None,
@@ -66,7 +99,8 @@ def build_gkd_hooks(
     - the teacher check (MODEL.TEACHER.CHECK_IMAGES > 0): before iteration 0, the teacher's
       bbox AP on a seeded subset; training stops when it is below MODEL.TEACHER.MIN_AP;
     - the prototype refresh (PGM, paper section 3.2), unless the config is local-only KD:
-      before iteration 0 and then every MODEL.GKD.REFRESH_PERIOD iterations (one epoch).
+      before iteration 0 and then every MODEL.GKD.REFRESH_PERIOD iterations (one epoch);
+    - :class:`LossShares`: each distillation term's share of the total loss, logged.
 
     Both build the student's frozen teacher from MODEL.TEACHER.* when it has none yet. For a
     config that is not a GKD meta-architecture (e.g. the teacher's own training) the list is
@@ -84,4 +118,5 @@ def build_gkd_hooks(
         ret.append(TeacherCheck(cfg, build_evaluator or evaluator_by_type))
     if needs_prototypes(cfg):
         ret.append(PrototypeRefresh(cfg))
+    ret.append(LossShares())
     return ret

@@ -47,6 +47,48 @@ def running_statistics(norms: list[nn.modules.batchnorm._BatchNorm]) -> Iterator
             m.train(mode)
 
 
+def matched_gt_rows(matched_boxes: Tensor, batch_idx: Tensor, gt_boxes: list[Tensor]) -> Tensor:
+    """The row of each instance's matched ground truth among a batch's ground truths.
+
+    detectron2's labelling hands over the matched ground truth's box (RetinaNet's
+    ``label_anchors``, the sampled proposals' ``gt_boxes``), not its index; the box is a copy,
+    so it equals its ground truth exactly. Of equal ground-truth boxes, the first is taken.
+
+    Args:
+        matched_boxes: (N, 4) matched ground-truth box of each instance.
+        batch_idx: (N,) int64 image of each instance.
+        gt_boxes: per image, its (G_i, 4) ground-truth boxes.
+
+    Returns:
+        (N,) int64 rows into the image-major concatenation of ``gt_boxes``; -1 where no
+        ground truth of the instance's image has its box.
+    """
+    out = torch.full_like(batch_idx, -1)
+    offset = 0
+    for i, g in enumerate(gt_boxes):
+        if len(g) == 0:  # an image without ground truth has no positives
+            continue
+        g = g.to(matched_boxes)
+        equal = (matched_boxes[:, None, :] == g[None, :, :]).all(dim=2)  # (N, G_i)
+        found = equal.any(dim=1) & (batch_idx == i)
+        first = equal.to(torch.uint8).argmax(dim=1)
+        out = torch.where(found, first + offset, out)
+        offset += len(g)
+    return out
+
+
+def gt_areas_in_original(gt_instances: list, batched_inputs: list[dict]) -> Tensor:
+    """(G,) area of each ground-truth box of a batch (image-major) in its original image's
+    pixels (COCO's size groups), from the resized boxes and each input's ``height``/``width``
+    (the resized size when absent)."""
+    areas = []
+    for inst, x in zip(gt_instances, batched_inputs):
+        h, w = inst.image_size
+        scale = (x.get("height", h) * x.get("width", w)) / float(h * w)
+        areas.append(inst.gt_boxes.area() * scale)
+    return torch.cat(areas) if areas else torch.zeros(0)
+
+
 @dataclasses.dataclass
 class StepRecord:
     """What one training forward of detectron2's detector hands to the distillation."""
@@ -56,9 +98,10 @@ class StepRecord:
     # the training forward's own (DistilledDetector.descriptor_features)
     descriptors: dict[str, Tensor] | None = None
     backbone_seen: bool = False
-    # RetinaNet: label_anchors' anchors and labels
+    # RetinaNet: label_anchors' anchors, labels and matched ground-truth boxes
     anchors: list | None = None
     gt_labels: list[Tensor] | None = None
+    matched_gt_boxes: list[Tensor] | None = None
     # Faster R-CNN: the backbone's features, the sampled proposals, their pooled RoI features
     # and the box predictor's outputs
     features: dict[str, Tensor] | None = None

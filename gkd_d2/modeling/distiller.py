@@ -6,11 +6,16 @@ everything else happens here, through the pure functions of ``gkd_d2.distill``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+
 import torch
 from detectron2.config import CfgNode
 from torch import Tensor, nn
 
 from ..distill import (
+    FG_OVERLAP_RULES,
     SOFT_LABEL_FORMS,
     box_crop_mean,
     decoupled_imitation_losses,
@@ -21,6 +26,33 @@ from ..distill import (
     soft_label_kl,
 )
 from .extra_losses import DistillInputs, build_extra_losses
+
+# COCO's size groups of an instance, by the area of its ground truth in original pixels:
+# small < 32^2 <= medium < 96^2 <= large
+SIZE_GROUPS = {
+    "small": (0.0, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, float("inf")),
+}
+
+
+@dataclasses.dataclass
+class InstanceRecord:
+    """What one distiller forward weighted, instance by instance (for diagnostics: the r that
+    trained, :meth:`GKDDistiller.recording_instances`).
+
+    Rows are the forward's instances (positive anchors / positive proposals), image-major.
+    """
+
+    boxes: Tensor  # (N, 4) XYXY in input pixels
+    batch_idx: Tensor  # (N,) image of each
+    classes: Tensor  # (N,)
+    levels: Tensor  # (N,) level of each for the feature mask
+    r: Tensor  # (N,) r of the feature mask (1 without prototypes)
+    weights: Tensor  # (N,) the fg-mask weights: r, ones (local-only KD), or r shuffled
+    soft_r: Tensor | None  # (N,) r of the soft labels when it has its own descriptors
+    instance_gt: Tensor | None  # (N,) the matched ground truth's row in the batch, or None
+    map_shapes: list[tuple[int, int, int]]  # (B, H, W) of each level's maps
 
 
 class GKDDistiller(nn.Module):
@@ -58,6 +90,7 @@ class GKDDistiller(nn.Module):
         extra_weights: list[float] | None = None,
         shuffle_r: bool = False,
         shuffle_seed: int = 0,
+        fg_overlap: str = "max",
     ):
         super().__init__()
         if level_reduction not in ("sum", "mean"):
@@ -89,6 +122,13 @@ class GKDDistiller(nn.Module):
                 f"{soft_label!r}"
             )
         self.soft_label = soft_label
+        if fg_overlap not in FG_OVERLAP_RULES:
+            raise ValueError(
+                f"MODEL.GKD.FG_OVERLAP must be one of {FG_OVERLAP_RULES}, not {fg_overlap!r}"
+            )
+        self.fg_overlap = fg_overlap
+        # diagnostics: called with an InstanceRecord by every forward (recording_instances)
+        self.instance_sink: Callable[[InstanceRecord], None] | None = None
         self.fg_weight, self.bg_weight = fg_weight, bg_weight
         self.soft_weight, self.global_weight = soft_weight, global_weight
         self.level_reduction = level_reduction
@@ -153,6 +193,7 @@ class GKDDistiller(nn.Module):
             extra_weights=extra_weights,
             shuffle_r=g.SHUFFLE_R,
             shuffle_seed=g.SAMPLE_SEED,
+            fg_overlap=g.FG_OVERLAP,
         )
 
     # ---- the bank ------------------------------------------------------------------------------
@@ -202,6 +243,21 @@ class GKDDistiller(nn.Module):
         return self.protos_s[level][valid], self.protos_t[level][valid], starts
 
     @property
+    def loss_names(self) -> list[str]:
+        """The names of the losses that :meth:`forward` returns (its terms of nonzero weight)."""
+        names = [
+            name
+            for name, weight in (
+                ("loss_gkd_fg", self.fg_weight),
+                ("loss_gkd_bg", self.bg_weight),
+                ("loss_gkd_soft", self.soft_weight),
+                ("loss_gkd_global", self.global_weight),
+            )
+            if weight != 0
+        ]
+        return names + [t.loss_name for t, w in zip(self.extra_terms, self.extra_weights) if w != 0]
+
+    @property
     def needs_prototypes(self) -> bool:
         """False for the local-only baseline (no r, no global loss): no PGM needed."""
         return self.robust or self.global_weight > 0
@@ -227,6 +283,16 @@ class GKDDistiller(nn.Module):
             )
         return r.detach()
 
+    @contextlib.contextmanager
+    def recording_instances(self, sink: Callable[[InstanceRecord], None]) -> Iterator[None]:
+        """Call ``sink`` with the :class:`InstanceRecord` of every forward inside the context:
+        each instance's r and weight exactly as that forward computed them."""
+        previous, self.instance_sink = self.instance_sink, sink
+        try:
+            yield
+        finally:
+            self.instance_sink = previous
+
     # ---- the losses ----------------------------------------------------------------------------
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
@@ -243,6 +309,8 @@ class GKDDistiller(nn.Module):
         attenuation: float = 1.0,
         soft_descriptors: tuple[Tensor, Tensor, Tensor] | None = None,
         descriptor_feats: list[Tensor] | None = None,
+        instance_gt: Tensor | None = None,
+        gt_areas: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Distillation losses of one batch.
 
@@ -260,11 +328,18 @@ class GKDDistiller(nn.Module):
                 global loss are pooled, in the normalisation of the student's prototypes
                 (an eval-mode pass when the student has train-mode BatchNorm:
                 ``DistilledDetector.descriptor_features``); default: ``student_feats``.
+            instance_gt: optional (N,) int64 row of each instance's matched ground truth among
+                the batch's ground truths (image-major), for r by size group.
+            gt_areas: (G,) area of each of the batch's ground truths in original image pixels
+                (COCO's size groups), with ``instance_gt``.
 
         Returns:
             losses: ``loss_gkd_fg``, ``loss_gkd_bg``, ``loss_gkd_soft``, ``loss_gkd_global``
-            and the extra terms' losses, each only when its weight is not 0; stats: r mean /
-            min / fraction below 0.5 (when r is computed) and the instance count (floats).
+            and the extra terms' losses, each only when its weight is not 0; stats (floats,
+            docs/usage.md "Logged scalars"): the instance count; with r: its mean / min /
+            p10 / median / share below 0.5, its mean per COCO size group present in the batch
+            (with ``instance_gt``), and ``gkd/r_effect_fg`` / ``gkd/r_effect_soft``, each term
+            with the weights divided by the same term with weight 1 on this batch.
             Computed in fp32 whatever the inputs' dtype or autocast (AMP) says.
         """
         # the math in fp32 under AMP (autocast is off for this method: see the decorators):
@@ -320,8 +395,10 @@ class GKDDistiller(nn.Module):
             weights = weights[perm]
 
         losses: dict[str, Tensor] = {}
+        effects: dict[str, Tensor] = {}  # each term with the weights / with weight 1
+        map_shapes = [(f.shape[0], f.shape[2], f.shape[3]) for f in teacher_feats]
         if self.fg_weight != 0 or self.bg_weight != 0:
-            fg_total = bg_total = zero
+            fg_total = bg_total = fg_unit_total = zero
             for lvl in range(L):
                 sel = levels == lvl
                 a_map, t_map = self.adapters[lvl](student_feats[lvl]), teacher_feats[lvl]
@@ -332,10 +409,17 @@ class GKDDistiller(nn.Module):
                     )
                 B, _, H, W = t_map.shape
                 mask, covered = foreground_mask(
-                    boxes[sel], batch_idx[sel], weights[sel], self.strides[lvl], (B, H, W)
+                    boxes[sel],
+                    batch_idx[sel],
+                    weights[sel],
+                    self.strides[lvl],
+                    (B, H, W),
+                    self.fg_overlap,
                 )
-                fg, bg = decoupled_imitation_losses(a_map, t_map, mask, covered)
+                fg, bg, fg_unit = decoupled_imitation_losses(a_map, t_map, mask, covered)
                 fg_total, bg_total = fg_total + fg, bg_total + bg
+                fg_unit_total = fg_unit_total + fg_unit
+            effects["fg"] = fg_total.detach() / fg_unit_total.clamp(min=1e-12)
             if self.level_reduction == "mean":
                 fg_total, bg_total = fg_total / L, bg_total / L
             if self.fg_weight != 0:
@@ -348,9 +432,19 @@ class GKDDistiller(nn.Module):
             if soft_descriptors is not None and self.robust:
                 soft_r = self.robustness_at(*soft_descriptors[:2], classes, soft_descriptors[2])
                 soft_w = soft_r if perm is None else soft_r[perm]
-            losses["loss_gkd_soft"] = self.soft_weight * soft_label_kl(
+            soft = soft_label_kl(
                 student_logits, teacher_logits, soft_w, self.temperature, self.soft_label
             )
+            losses["loss_gkd_soft"] = self.soft_weight * soft
+            with torch.no_grad():
+                soft_unit = soft_label_kl(
+                    student_logits,
+                    teacher_logits,
+                    torch.ones_like(soft_w),
+                    self.temperature,
+                    self.soft_label,
+                )
+            effects["soft"] = soft.detach() / soft_unit.clamp(min=1e-12)
         if use_global:
             losses["loss_gkd_global"] = self.global_weight * attenuation * global_total
         if len(self.extra_terms):
@@ -371,9 +465,30 @@ class GKDDistiller(nn.Module):
                 if w != 0:
                     losses[term.loss_name] = w * term(inputs)
 
+        if self.instance_sink is not None:
+            self.instance_sink(
+                InstanceRecord(
+                    boxes=boxes,
+                    batch_idx=batch_idx,
+                    classes=classes,
+                    levels=levels,
+                    r=r,
+                    weights=weights.detach(),
+                    soft_r=soft_r,
+                    instance_gt=instance_gt,
+                    map_shapes=map_shapes,
+                )
+            )
         stats = {"gkd/num_instances": float(N)}
         if self.needs_prototypes:
             stats.update(_r_stats("gkd/r", r))
+            if instance_gt is not None and gt_areas is not None:
+                stats.update(_r_by_size("gkd/r_mean", r, gt_areas[instance_gt]))
+            if self.robust and N > 0:
+                # one transfer for both ratios
+                names = sorted(effects)
+                values = torch.stack([effects[k] for k in names]).tolist() if names else []
+                stats.update({f"gkd/r_effect_{k}": v for k, v in zip(names, values)})
         if soft_r is not None:
             stats.update(_r_stats("gkd/r_soft", soft_r))
         return losses, stats
@@ -384,6 +499,19 @@ class GKDDistiller(nn.Module):
         g = torch.Generator().manual_seed(self.shuffle_seed + int(self.shuffle_calls))
         self.shuffle_calls += 1
         return torch.randperm(n, generator=g).to(device)
+
+
+def _r_by_size(prefix: str, r: Tensor, areas: Tensor) -> dict[str, float]:
+    """Mean r of the instances of each COCO size group (by their ground truth's area in
+    original pixels), for the groups present: ``{prefix}_small`` etc."""
+    if len(r) == 0:
+        return {}
+    lows = r.new_tensor([lo for lo, _ in SIZE_GROUPS.values()])
+    group = (areas.float()[:, None] >= lows[None, :]).sum(dim=1) - 1  # (N,) 0 small .. 2 large
+    counts = torch.bincount(group, minlength=len(SIZE_GROUPS))
+    sums = torch.zeros(len(SIZE_GROUPS), dtype=r.dtype, device=r.device).index_add_(0, group, r)
+    counts_l, sums_l = counts.tolist(), sums.tolist()
+    return {f"{prefix}_{name}": s / c for name, c, s in zip(SIZE_GROUPS, counts_l, sums_l) if c > 0}
 
 
 def _r_stats(prefix: str, r: Tensor) -> dict[str, float]:

@@ -20,7 +20,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..distill import assign_levels
-from .distilled_detector import DistilledDetector
+from .distilled_detector import DistilledDetector, gt_areas_in_original, matched_gt_rows
 from .distiller import GKDDistiller
 from .recorders import forward_inputs, forward_outputs, method_outputs
 
@@ -175,6 +175,20 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         (``descriptor_features``)."""
         heads = self.roi_heads
         rows, batch_idx, boxes, classes = positive_proposals(proposals, heads.num_classes)
+        # each positive's matched ground truth (r by size group): the sampler's gt_boxes
+        gt_instances = [x["instances"].to(boxes.device) for x in batched_inputs]
+        matched = torch.cat(
+            [
+                p.gt_boxes.tensor
+                if p.has("gt_boxes")
+                else p.proposal_boxes.tensor.new_zeros(len(p), 4)
+                for p in proposals
+            ]
+        )
+        instance_gt = matched_gt_rows(
+            matched[rows], batch_idx, [g.gt_boxes.tensor for g in gt_instances]
+        )
+        gt_areas = gt_areas_in_original(gt_instances, batched_inputs).to(boxes.device)
         teacher_all, _ = self.teacher.features(batched_inputs)
         per_image = boxes_per_image(boxes, batch_idx, len(proposals))
         teacher_logits, teacher_pooled = self.teacher.roi_logits(teacher_all, per_image)
@@ -215,6 +229,8 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
             descriptor_feats=(
                 None if descriptors is None else [descriptors[f] for f in self.distill_in_features]
             ),
+            instance_gt=instance_gt,
+            gt_areas=gt_areas,
         )
         get_event_storage().put_scalars(**stats)
         return losses

@@ -16,7 +16,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..distill import assign_levels
-from .distilled_detector import DistilledDetector
+from .distilled_detector import DistilledDetector, gt_areas_in_original, matched_gt_rows
 from .distiller import GKDDistiller
 
 
@@ -85,8 +85,9 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
     def label_anchors(self, anchors: list[Boxes], gt_instances: list):
         # detectron2's labelling, recorded: its positive anchors are GKD's instances
         gt_labels, gt_boxes = super().label_anchors(anchors, gt_instances)
-        if self.current_step is not None:
-            self.current_step.anchors, self.current_step.gt_labels = anchors, gt_labels
+        step = self.current_step
+        if step is not None:
+            step.anchors, step.gt_labels, step.matched_gt_boxes = anchors, gt_labels, gt_boxes
         return gt_labels, gt_boxes
 
     def forward_training(self, images, features, predictions, gt_instances):
@@ -106,6 +107,7 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
                 None
                 if step.descriptors is None
                 else [step.descriptors[f] for f in self.head_in_features],
+                (step.matched_gt_boxes, gt_instances),
             )
         )
         return losses
@@ -118,7 +120,10 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
         anchors: list[Boxes],
         gt_labels: list[Tensor],
         descriptor_feats: list[Tensor] | None = None,
+        ground_truth: tuple[list[Tensor], list] | None = None,
     ) -> dict[str, Tensor]:
+        """GKD losses of the positive anchors; ``ground_truth``: ``label_anchors``' matched
+        ground-truth boxes and the batch's ground-truth ``Instances`` (for r by size group)."""
         teacher_all, _ = self.teacher.features(batched_inputs)
         teacher_features = [teacher_all[f] for f in self.distill_in_features]
         teacher_logits = [
@@ -142,6 +147,15 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
             if self.anchor_own_level
             else assign_levels(boxes, len(features))
         )
+        instance_gt = gt_areas = None
+        if ground_truth is not None:
+            matched, gt_instances = ground_truth
+            instance_gt = matched_gt_rows(
+                torch.stack(matched)[batch_idx, anchor_idx],
+                batch_idx,
+                [g.gt_boxes.tensor for g in gt_instances],
+            )
+            gt_areas = gt_areas_in_original(gt_instances, batched_inputs).to(boxes.device)
         losses, stats = self.distiller(
             features,
             teacher_features,
@@ -153,6 +167,8 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
             torch.cat(teacher_logits, dim=1)[batch_idx, anchor_idx],
             attenuation=self.attenuation(),
             descriptor_feats=descriptor_feats,
+            instance_gt=instance_gt,
+            gt_areas=gt_areas,
         )
         get_event_storage().put_scalars(**stats)
         return losses
