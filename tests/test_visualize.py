@@ -218,15 +218,26 @@ def test_tool_writes_pictures_and_json(trained, tmp_path, capsys):
             qs = [g[k] for k in ("p10", "p25", "p50", "p75", "p90")]
             assert qs == sorted(qs) and 0.0 <= g["below_0.5"] <= 1.0
     assert summary["split"] == "gkd_scenes_tiny_train"
+    assert summary["r_source"] == vis.R_SOURCES["training"]
+    assert summary["positives_per_box"] >= 1
+    assert summary["min_over_positives"]["all"]["mean_r"] <= summary["mean_r"] + 1e-9
+    assert ("soft_label_r" in summary) == (trained.case == "faster_rcnn")
+    overlap = summary["fg_overlap"]
+    assert overlap["fg_cells"] > 0 and 0.0 <= overlap["shared_share"] <= 1.0
+    for k in ("mean_weight_max", "mean_weight_last"):
+        assert 0.0 <= overlap[k] <= 1.0
+    assert overlap["mean_weight_last"] <= overlap["mean_weight_max"] + 1e-9  # max is the max
     assert Image.open(out / "robustness_groups.png").size[0] > 0
     assert "size: " in printed
 
     # the same on the test split's boxes
     test_out = tmp_path / "vis_test"
     argv_test = [*argv[:4], "--output", str(test_out), "--max-images", "4", "--split", "test"]
+    argv_test += ["--r-source", "box"]  # and the box-level r, a labelled option
     assert vis.main([*argv_test, "MODEL.TEACHER.WEIGHTS", trained.weights]) == 0
     on_test = json.loads((test_out / "robustness.json").read_text())
     assert on_test["split"] == trained.cfg.DATASETS.TEST[0] and on_test["images"] == 4
+    assert on_test["r_source"] == vis.R_SOURCES["box"] and "fg_overlap" not in on_test
     assert on_test["instances"] > 0
     assert set(summary["per_class"]) == set(
         MetadataCatalog.get("gkd_scenes_tiny_train").thing_classes
@@ -290,3 +301,75 @@ def test_r_statistics_of_a_group_by_hand():
         [False, False, False, True, True],
     ]
     assert groups["occluded"]["true"].tolist() == [True, False, False, True, False]
+
+
+def test_tool_r_is_the_r_the_distiller_logs_for_the_same_batch(trained):
+    """The tool's training r, per box, averages back to what the training step logs for the
+    same input and weights (gkd/r_mean, gkd/num_instances); each positive is matched to a
+    ground truth of its own class."""
+    model = trained.trainer.model
+    dicts = [d for d in train_dataset_dicts(trained.cfg) if d["annotations"]][:3]
+    result = vis.robustness_in_training(model, trained.cfg, dicts, 3, seed=7, batch_size=3)
+    assert result["images"] == 3 and len(result["records"]) == 1
+    # the training step itself, on the same batch, as the trainer runs it
+    inputs = [vis.training_mapper(trained.cfg)(dict(d)) for d in dicts]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(7)
+    model.train()
+    with EventStorage(0) as storage:
+        model(inputs)
+        logged = {k: v.latest() for k, v in storage.histories().items()}
+    model.load_state_dict(saved)
+    positives = result["positives"].float()
+    assert int(positives.sum()) == logged["gkd/num_instances"] > 0
+    num_gt = sum(len(x["instances"]) for x in inputs)
+    assert result["boxes_without_positives"] + len(positives) == num_gt
+    pooled = float((result["r"] * positives).sum() / positives.sum())
+    assert pooled == pytest.approx(logged["gkd/r_mean"], abs=1e-6)
+    assert float(result["r_min"].min()) == pytest.approx(logged["gkd/r_min"], abs=1e-6)
+    if trained.case == "faster_rcnn":
+        soft = float((result["r_soft"] * positives).sum() / positives.sum())
+        assert soft == pytest.approx(logged["gkd/r_soft_mean"], abs=1e-6)
+    rec = result["records"][0]
+    gt_classes = torch.cat([x["instances"].gt_classes for x in inputs])
+    assert bool((rec.instance_gt >= 0).all())
+    assert torch.equal(gt_classes[rec.instance_gt], rec.classes.cpu())
+    # the buffers the tool's training forward touched are restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_per_box_mean_min_by_hand():
+    values = torch.tensor([0.2, 0.8, 0.5, 0.9, 0.1])
+    rows = torch.tensor([0, 0, 2, -1, 2])  # the -1 instance matched nothing: ignored
+    mean, low, count = vis.per_box_mean_min(values, rows, 4)
+    torch.testing.assert_close(mean, torch.tensor([0.5, 0.0, 0.3, 0.0]))
+    assert low[0] == pytest.approx(0.2) and low[2] == pytest.approx(0.1)
+    assert torch.isinf(low[1]) and torch.isinf(low[3])
+    assert count.tolist() == [2, 0, 2, 0]
+
+
+def test_overlap_statistics_by_hand():
+    """Two boxes on one 4 x 4 level sharing 2 cells: the shared share, and the weights of
+    both rules (max keeps 0.9, the official last-wins gives the second box's 0.3)."""
+    from gkd_d2.modeling.distiller import InstanceRecord
+
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 0.0, 24.0, 16.0]])  # 2x2 cells each
+    w = torch.tensor([0.9, 0.3])
+    rec = InstanceRecord(
+        boxes=boxes,
+        batch_idx=torch.zeros(2, dtype=torch.long),
+        classes=torch.zeros(2, dtype=torch.long),
+        levels=torch.zeros(2, dtype=torch.long),
+        r=w,
+        weights=w,
+        soft_r=None,
+        instance_gt=torch.tensor([0, 1]),
+        map_shapes=[(1, 4, 4)],
+    )
+    stats = vis.overlap_statistics([rec], [8])
+    assert stats["fg_cells"] == 6 and stats["shared_share"] == pytest.approx(2 / 6)
+    assert stats["mean_weight_max"] == pytest.approx((4 * 0.9 + 2 * 0.3) / 6)
+    assert stats["mean_weight_last"] == pytest.approx((2 * 0.9 + 4 * 0.3) / 6)
+    assert stats["mean_abs_difference_shared"] == pytest.approx(0.6)
+    assert stats["changed_share"] == pytest.approx(2 / 6)

@@ -2,8 +2,8 @@
 """Pictures of a GKD checkpoint's global knowledge: its prototypes and its robustness weights.
 
     python tools/visualize_prototypes.py --config-file CONFIG --checkpoint MODEL.pth \\
-        --output DIR [--max-images N] [--cell-size PX] [--context F] [--classes A,B] \\
-        [KEY VALUE ...]
+        --output DIR [--max-images N] [--r-source training|box] [--split train|test] \\
+        [--cell-size PX] [--context F] [--classes A,B] [KEY VALUE ...]
 
 CONFIG is the GKD config the checkpoint was trained with (trailing ``KEY VALUE`` pairs override
 it, e.g. ``MODEL.TEACHER.WEIGHTS path``); MODEL.pth a GKD training checkpoint (model state with
@@ -18,15 +18,25 @@ the prototype bank, hook state with the PGM instance sample). Writes to DIR:
   stride, prototype count. Size: ``LABEL_WIDTH + M * (cell + GAP) + GAP`` by
   ``HEADER_HEIGHT + rows * (cell + CAPTION_HEIGHT + GAP) + GAP`` pixels.
 * ``robustness.png``: the histogram (20 bins on [0, 1]) of the robustness weight r of the
-  ground-truth boxes of the first ``--max-images`` training images, 800 x 500 pixels. r is the
-  distiller's own (``GKDDistiller.robustness_at``): box-crop means of the student's and the
-  teacher's FPN maps at the box's level (the official box-size rule, ``assign_levels``),
-  against the checkpoint's prototypes; a class without prototypes has r = 1, as in training.
-* ``robustness.json``: r's count, mean, quantiles (p10, p25, median, p75, p90) and share
-  below 0.5, overall, per class, per level, per COCO size class (``size``: small < 32^2 <=
-  medium < 96^2 <= large, box area in original pixels) and, when the annotations carry
-  ``occluded`` / ``blurred`` flags (the embedded scenes do), for flagged vs unflagged boxes;
-  the histogram's counts. The per-class means and the groups are printed too.
+  ground-truth boxes of the first ``--max-images`` training images, 800 x 500 pixels. By
+  default (``--r-source training``) r is the one that weighted training: each image goes
+  through the student's training forward (at the test-time input size, no flip, buffers
+  restored after each image), and the distiller's own r of every instance is recorded:
+  RetinaNet's positive anchors at their own level, Faster R-CNN's positive sampled proposals
+  (and, for its soft labels, r from their RoI features). A box's r is the mean over the
+  positives matched to it (the min is reported too). ``--r-source box`` gives the older,
+  different quantity: r of the box itself, box-crop means at its size's level
+  (``assign_levels``), which never weights a loss. Either way the prototypes are the
+  checkpoint's, and a class without prototypes has r = 1, as in training.
+* ``robustness.json``: ``r_source`` (which r), r's count, mean, quantiles (p10, p25, median,
+  p75, p90) and share below 0.5, overall, per class, per level, per COCO size class
+  (``size``: small < 32^2 <= medium < 96^2 <= large, box area in original pixels) and, when
+  the annotations carry ``occluded`` / ``blurred`` flags (the embedded scenes do), for flagged
+  vs unflagged boxes; the histogram's counts. With the training r also: the min over each
+  box's positives and Faster R-CNN's soft-label r (overall and by size), positives per box,
+  boxes without positives, and ``fg_overlap``: the share of foreground mask cells covered by
+  more than one instance and the mean mask weight under each ``MODEL.GKD.FG_OVERLAP`` rule.
+  The per-class means and the groups are printed too.
 * ``robustness_groups.png``: per group (size, occluded, blurred) the normalised histogram of
   r of each member. The paper's mechanism predicts lower r on small, occluded and blurred
   instances.
@@ -335,6 +345,218 @@ def robustness_of_boxes(
     return result
 
 
+def _flags_of_rows(
+    d: dict, image_size: tuple[int, int], boxes: Tensor, classes: Tensor
+) -> dict[str, list[int]]:
+    """The ``occluded`` / ``blurred`` flag of each ground-truth row of a mapped input (1, 0,
+    -1 when the dataset does not record it): that of the non-crowd annotation of the same
+    class whose box, scaled to the input's ``image_size``, is nearest (the mapper drops empty
+    boxes, so rows and annotations need not align one to one)."""
+    ann_boxes, ann_classes, anns = gt_boxes_of(d, *image_size)
+    if not len(boxes) or not anns:
+        return {"occluded": [-1] * len(boxes), "blurred": [-1] * len(boxes)}
+    dist = (boxes[:, None, :].cpu() - ann_boxes[None, :, :]).abs().sum(dim=2)
+    dist = dist.masked_fill(classes[:, None].cpu() != ann_classes[None, :], float("inf"))
+    nearest = dist.argmin(dim=1).tolist()
+    return {
+        flag: [int(bool(anns[j][flag])) if flag in anns[j] else -1 for j in nearest]
+        for flag in ("occluded", "blurred")
+    }
+
+
+def training_mapper(cfg: CfgNode) -> DatasetMapper:
+    """The mapper of the training-r pass: ground truth kept (a training input), at the
+    test-time size and without flip, so that the result does not depend on chance."""
+    from detectron2.data import transforms as T
+
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    return DatasetMapper(cfg, is_train=True, augmentations=[resize])
+
+
+def per_box_mean_min(values: Tensor, rows: Tensor, num_boxes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and min of the instances' ``values`` per ground-truth box.
+
+    Args:
+        values: (N,) a value per instance (r of a positive anchor / proposal).
+        rows: (N,) int64 each instance's ground-truth row, -1 for none (ignored).
+        num_boxes: G.
+
+    Returns:
+        (G,) mean, (G,) min (inf for a box without instances), (G,) instance count.
+    """
+    keep = rows >= 0
+    v, rows = values.detach().float().cpu()[keep], rows.cpu()[keep]
+    count = torch.bincount(rows, minlength=num_boxes)
+    mean = torch.zeros(num_boxes).index_add_(0, rows, v) / count.clamp(min=1)
+    low = torch.full((num_boxes,), float("inf")).scatter_reduce_(0, rows, v, "amin")
+    return mean, low, count
+
+
+@torch.no_grad()
+def robustness_in_training(
+    model: nn.Module,
+    cfg: CfgNode,
+    dataset_dicts: list[dict],
+    max_images: int,
+    seed: int = 0,
+    batch_size: int = 0,
+) -> dict:
+    """r exactly as the training step computes it, aggregated per ground-truth box.
+
+    The first ``max_images`` images with ground truth go, ``batch_size`` at a time (0:
+    ``SOLVER.IMS_PER_BATCH``, a training step's batch on one process; a leftover image joins
+    the last batch, as train-mode BN needs more than one value per channel), through the
+    student's training forward (``model.train()``: detectron2's own labelling and sampling), at
+    the test-time input size without flip (:func:`training_mapper`); each instance's r is
+    recorded from the distiller itself (:meth:`GKDDistiller.recording_instances`). The model's
+    buffers (BN running statistics, loss normaliser) are restored after every batch and torch's
+    RNG is seeded with ``seed`` (Faster R-CNN samples its RoIs), so the result depends only on
+    the checkpoint, the images and the seed.
+
+    The instances are RetinaNet's positive anchors, r at each anchor's own level (or the
+    official box-size level, ``ANCHOR_OWN_LEVEL False``), or Faster R-CNN's positive sampled
+    proposals, r at the proposal's level for the fg mask and, for the soft labels, r from the
+    RoI features (``r_soft``). A box's r is the mean (and the min) over its positives.
+
+    Returns:
+        per ground-truth box with at least one positive: ``r`` (mean over its positives),
+        ``r_min``, ``r_soft`` / ``r_soft_min`` (Faster R-CNN; else absent), ``positives``
+        (count), ``cls``, ``level`` (the level most of its positives are at), ``area``
+        (original pixels), ``occluded`` / ``blurred`` (1, 0, -1 not recorded); ``images``:
+        images used; ``boxes_without_positives``: ground truths no positive matched;
+        ``records``: the distiller's :class:`InstanceRecord` of each batch (for
+        :func:`overlap_statistics`).
+    """
+    from detectron2.utils.events import EventStorage
+
+    from gkd_d2.modeling.distilled_detector import gt_areas_in_original
+
+    mapper = training_mapper(cfg)
+    inputs = [mapped for mapped in (mapper(dict(d)) for d in dataset_dicts[:max_images])]
+    keep = [i for i, x in enumerate(inputs) if len(x["instances"])]
+    size = batch_size or cfg.SOLVER.IMS_PER_BATCH
+    starts = list(range(0, len(keep), size))
+    if len(starts) > 1 and len(keep) - starts[-1] == 1:
+        starts.pop()  # the leftover image joins the last batch
+    batches = [
+        keep[s : (starts[i + 1] if i + 1 < len(starts) else None)] for i, s in enumerate(starts)
+    ]
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
+    keys = ("r", "r_min", "r_soft", "r_soft_min", "positives", "cls", "level", "area")
+    out: dict[str, list] = {k: [] for k in (*keys, "occluded", "blurred")}
+    records, unmatched = [], 0
+    torch.manual_seed(seed)
+    model.train()
+    try:
+        with EventStorage(0):
+            for batch in batches:
+                batch_inputs = [inputs[i] for i in batch]
+                seen: list = []
+                with model.distiller.recording_instances(seen.append):
+                    model(batch_inputs)
+                for buf, value in zip(buffers, saved):
+                    buf.copy_(value)
+                rec = seen[-1]
+                records.append(rec)
+                gts = [x["instances"] for x in batch_inputs]
+                G = sum(len(g) for g in gts)
+                rows = rec.instance_gt.cpu()
+                r_mean, r_min, count = per_box_mean_min(rec.r, rows, G)
+                has = count > 0
+                unmatched += int((~has).sum())
+                out["r"].append(r_mean[has])
+                out["r_min"].append(r_min[has])
+                if rec.soft_r is not None:
+                    soft_mean, soft_min, _ = per_box_mean_min(rec.soft_r, rows, G)
+                    out["r_soft"].append(soft_mean[has])
+                    out["r_soft_min"].append(soft_min[has])
+                out["positives"].append(count[has])
+                out["cls"].append(torch.cat([g.gt_classes for g in gts])[has])
+                matched = rows >= 0
+                per_level = torch.zeros(G, len(rec.map_shapes)).index_put_(
+                    (rows[matched], rec.levels.cpu()[matched]),
+                    torch.ones(int(matched.sum())),
+                    accumulate=True,
+                )
+                out["level"].append(per_level.argmax(dim=1)[has])
+                out["area"].append(gt_areas_in_original(gts, batch_inputs)[has])
+                for flag in ("occluded", "blurred"):
+                    values = []
+                    for i, g in zip(batch, gts):
+                        flags = _flags_of_rows(
+                            dataset_dicts[i], g.image_size, g.gt_boxes.tensor, g.gt_classes
+                        )
+                        values += flags[flag]
+                    out[flag].append(torch.tensor(values, dtype=torch.int8)[has])
+    finally:
+        for buf, value in zip(buffers, saved):
+            buf.copy_(value)
+        model.eval()
+    int8 = ("occluded", "blurred")
+    result: dict = {
+        k: torch.cat(v) if v else torch.zeros(0, dtype=torch.int8 if k in int8 else torch.float32)
+        for k, v in out.items()
+        if v or k not in ("r_soft", "r_soft_min")  # soft-label r: Faster R-CNN only
+    }
+    result["images"] = len(keep)
+    result["boxes_without_positives"] = unmatched
+    result["records"] = records
+    return result
+
+
+def overlap_statistics(records: list, strides: list[int]) -> dict:
+    """How often foreground instances overlap in the masks, and what the two overlap rules
+    (``MODEL.GKD.FG_OVERLAP``) make of it, over the recorded training steps.
+
+    Returns:
+        ``fg_cells``: cells covered by at least one instance (all levels and images);
+        ``shared_share``: the share of them covered by more than one instance;
+        ``mean_weight_max`` / ``mean_weight_last``: the mean mask weight over the fg cells
+        under "max" and under "last" (the official rule, row order);
+        ``mean_abs_difference_shared``: mean |max - last| over the shared cells;
+        ``changed_share``: the share of fg cells whose weight differs between the rules.
+    """
+    from gkd_d2.distill import box_cells, foreground_mask
+
+    fg = shared = changed = 0
+    sum_max = sum_last = diff_shared = 0.0
+    for rec in records:
+        for lvl, (B, H, W) in enumerate(rec.map_shapes):
+            sel = rec.levels == lvl
+            if not bool(sel.any()):
+                continue
+            boxes, bidx, w = rec.boxes[sel], rec.batch_idx[sel], rec.weights[sel]
+            inside, _ = box_cells(boxes, strides[lvl], (H, W))
+            counts = torch.zeros(B, H * W).index_add_(0, bidx.cpu(), inside.float().cpu())
+            m_max, covered = foreground_mask(boxes, bidx, w, strides[lvl], (B, H, W), "max")
+            m_last, _ = foreground_mask(boxes, bidx, w, strides[lvl], (B, H, W), "last")
+            cov = covered.view(B, H * W).cpu()
+            many = counts > 1
+            a, b = m_max.view(B, H * W).cpu(), m_last.view(B, H * W).cpu()
+            fg += int(cov.sum())
+            shared += int(many.sum())
+            sum_max += float(a[cov].sum())
+            sum_last += float(b[cov].sum())
+            diff_shared += float((a - b).abs()[many].sum())
+            changed += int(((a - b).abs() > 1e-7)[cov].sum())
+    return {
+        "fg_cells": fg,
+        "shared_share": shared / fg if fg else None,
+        "mean_weight_max": sum_max / fg if fg else None,
+        "mean_weight_last": sum_last / fg if fg else None,
+        "mean_abs_difference_shared": diff_shared / shared if shared else None,
+        "changed_share": changed / fg if fg else None,
+    }
+
+
+# what robustness.json's "r_source" says of each way of computing r
+R_SOURCES = {
+    "training": "training: r of each positive anchor / proposal as the training step computes "
+    "it, per ground-truth box the mean over its positives",
+    "box": "box: r of the ground-truth box itself, box-crop means at its size's level "
+    "(not the r that weights training)",
+}
 # COCO's size classes (area in original pixels): small < 32^2 <= medium < 96^2 <= large
 SIZE_CLASSES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e18)}
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -380,6 +602,20 @@ def summarize(result: dict, names: list[str], level_names: list[str]) -> dict:
     }
     for group, masks in groups_of(result).items():
         summary[group] = {k: _mean_of(r[m]) for k, m in masks.items()}
+    # the training r (robustness_in_training): per box also the min over its positives, and
+    # Faster R-CNN's soft-label r, by size group too
+    for key, label in (("r_min", "min_over_positives"), ("r_soft", "soft_label_r")):
+        if key in result:
+            v = result[key]
+            summary[label] = {
+                "all": _mean_of(v),
+                **{k: _mean_of(v[m]) for k, m in groups_of(result)["size"].items()},
+            }
+    if "positives" in result:
+        summary["positives_per_box"] = (
+            float(result["positives"].float().mean()) if len(result["positives"]) else None
+        )
+        summary["boxes_without_positives"] = result["boxes_without_positives"]
     return summary
 
 
@@ -453,6 +689,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("train", "test"),
         default="train",
         help="whose ground-truth boxes r is computed on: DATASETS.TRAIN or DATASETS.TEST[0]",
+    )
+    parser.add_argument(
+        "--r-source",
+        choices=sorted(R_SOURCES),
+        default="training",
+        help="training: r of the positives as the training step computes it, per box their "
+        "mean (default); box: r of the box itself, pooled at its size's level",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="images per training forward for --r-source training (0: SOLVER.IMS_PER_BATCH)",
     )
     parser.add_argument("--cell-size", type=int, default=96, help="crop side in pixels")
     parser.add_argument(
@@ -540,17 +789,29 @@ def run(args: argparse.Namespace) -> None:
         split = cfg.DATASETS.TEST[0]
     else:
         boxes_from, split = dataset_dicts, ",".join(cfg.DATASETS.TRAIN)
-    result = robustness_of_boxes(model, teacher, cfg, boxes_from, args.max_images)
+    if args.r_source == "training":
+        model.attach_teacher(teacher)
+        result = robustness_in_training(
+            model, cfg, boxes_from, args.max_images, cfg.SEED, args.batch_size
+        )
+        r_source = R_SOURCES["training"]
+    else:
+        result = robustness_of_boxes(model, teacher, cfg, boxes_from, args.max_images)
+        r_source = R_SOURCES["box"]
     summary = {
         "checkpoint": str(args.checkpoint),
         "bank_iter": bank["bank_iter"],
         "split": split,
+        "r_source": r_source,
         **summarize(result, names, level_names),
     }
+    if "records" in result:
+        summary["fg_overlap"] = overlap_statistics(result["records"], strides)
     (out / "robustness.json").write_text(json.dumps(summary, indent=1) + "\n")
     name = f"{Path(args.checkpoint).name}, {split}"
     draw_histogram(result["r"], summary, out / "robustness.png", name)
     draw_group_histograms(result, summary, out / "robustness_groups.png", name)
+    print(f"r: {r_source}")
     print(f"r of {summary['instances']} ground-truth boxes in {summary['images']} images:")
     for name, s in summary["per_class"].items():
         mean = "-" if s["mean_r"] is None else f"{s['mean_r']:.3f}"
