@@ -286,6 +286,8 @@ def r_diagnostics(
         if group in summary:
             pick[group] = {m: {k: v.get(k) for k in keep} for m, v in summary[group].items()}
     pick["bank_iter"] = summary["bank_iter"]
+    # which r (the training r by default; runs recorded before it existed were box-level)
+    pick["r_source"] = summary.get("r_source", "box")
     return pick
 
 
@@ -571,9 +573,11 @@ def report(results: dict, s: Schedule, out: Path) -> str:
             r_runs = table.get("GKD | seed 0", {}).get("r")
             if r_runs:
                 r_all.setdefault(detector, {})[protocol] = r_runs
+                source = r_runs[-1].get("r_source", "box").split(":")[0]
                 parts.append(
                     "r of the GKD arm (seed 0) on the validation boxes at the end of each "
-                    "epoch: mean (share below 0.5, boxes)"
+                    f"epoch ({source} r, `tools/visualize_prototypes.py --r-source {source}`): "
+                    "mean (share below 0.5, boxes)"
                 )
                 parts.append(format_r(r_runs))
         plot(by_protocol, s.seeds, out / f"accuracy_{detector}.png", detector)
