@@ -68,8 +68,10 @@ def add_gkd_config(cfg: CN) -> CN:
     g.TEMPERATURE = 2.0
     # soft-label KD form: "softmax" (official: one distribution over the K' logits of an
     # instance), "sigmoid" (K binary distributions: per-class sigmoid probabilities, binary KL
-    # with the temperature), "auto" = "sigmoid" for a one-class RetinaNet (a softmax over one
-    # logit is constant: its KL would be 0), else "softmax"
+    # with the temperature), "auto" = "softmax", except for a one-class RetinaNet: no soft term
+    # there (a softmax over one logit is constant, so the official term is identically 0). The
+    # sigmoid form is the one-class opt-in; its KL is not diluted by a mean over many classes:
+    # SOFT_WEIGHT 0.02 gives it the size of the six-class softmax term (measured)
     g.SOFT_LABEL = "auto"
     # where foreground boxes overlap in a level's mask: "max" (the largest r of the boxes on a
     # cell; order-independent) or "last" (the official rule: the last box in row order wins)

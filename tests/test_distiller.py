@@ -281,7 +281,7 @@ def test_shuffled_r_from_the_config():
     from gkd_d2 import load_config
 
     cfg = load_config(opts=["MODEL.GKD.SHUFFLE_R", "True", "MODEL.GKD.SAMPLE_SEED", "7"])
-    d = GKDDistiller.from_config(cfg, [8, 16], 4, 4, 3, "sum", "softmax")
+    d = GKDDistiller.from_config(cfg, [8, 16], 4, 4, 3, "sum", "softmax", 1.0)
     assert d.shuffle_r and d.shuffle_seed == 7 and int(d.shuffle_calls) == 0
 
 

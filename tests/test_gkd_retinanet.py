@@ -255,10 +255,11 @@ def test_no_qualifying_instance_trains_with_r_one(tmp_path, teacher_weights):
     assert trainer.storage.histories()["gkd/r_mean"].latest() == 1.0
 
 
-@pytest.mark.parametrize("form", ["auto", "softmax"])
-def test_one_class_soft_labels_are_distilled(tmp_path, form):
+@pytest.mark.parametrize("form", ["auto", "softmax", "sigmoid"])
+def test_one_class_soft_labels(tmp_path, form):
     """K = 1 (single-class datasets): a softmax over one sigmoid logit is constant, so the
-    official soft-label term is identically 0; "auto" distils the sigmoid probabilities."""
+    official soft-label term is identically 0; "auto" then computes no soft term at all, and
+    "sigmoid" (the opt-in) distils the sigmoid probabilities."""
     from detectron2.utils.events import EventStorage
 
     one_class = ["MODEL.RETINANET.NUM_CLASSES", "1"]
@@ -278,18 +279,27 @@ def test_one_class_soft_labels_are_distilled(tmp_path, form):
         )
     )
     model = trainer.model
-    assert model.distiller.soft_label == ("sigmoid" if form == "auto" else "softmax")
+    assert model.distiller.soft_label == ("sigmoid" if form == "sigmoid" else "softmax")
+    assert model.distiller.soft_weight == (0.0 if form == "auto" else 1.0)
     inputs = tiny_inputs(trainer.cfg)
     for x in inputs:
         x["instances"].gt_classes.zero_()
     with EventStorage(0):
         losses = model(inputs)
     if form == "auto":
+        assert "loss_gkd_soft" not in losses and "loss_gkd_soft" not in model.distiller.loss_names
+        assert {"loss_gkd_fg", "loss_gkd_bg"} <= set(losses)
+    elif form == "sigmoid":
         assert losses["loss_gkd_soft"].item() > 1e-4
         losses["loss_gkd_soft"].backward()
         assert model.head.cls_score.weight.grad.abs().sum() > 0
     else:
         assert losses["loss_gkd_soft"].item() == 0.0
+
+
+def test_many_class_auto_soft_labels_are_the_official_softmax(tmp_path, teacher_weights):
+    model = Trainer(gkd_cfg(tmp_path, teacher_weights)).model
+    assert model.distiller.soft_label == "softmax" and model.distiller.soft_weight == 1.0
 
 
 def test_soft_label_form_is_checked(tmp_path, teacher_weights):

@@ -165,19 +165,25 @@ class DistilledDetector:
     ) -> GKDDistiller:
         """The distiller for the student levels ``in_features`` of a backbone with ``shapes``;
         the teacher's FPN width comes from its config, "auto" level reduction is "mean" for
-        two-stage detectors (official) and "sum" for one-stage ones (official)."""
+        two-stage detectors (official) and "sum" for one-stage ones (official); "auto" soft
+        labels are the official softmax, and no soft term for a one-class RetinaNet."""
         reduction = cfg.MODEL.GKD.LEVEL_REDUCTION
         if reduction == "auto":
             reduction = "mean" if two_stage else "sum"
-        soft_label = cfg.MODEL.GKD.SOFT_LABEL
+        soft_label, soft_weight = cfg.MODEL.GKD.SOFT_LABEL, cfg.MODEL.GKD.SOFT_WEIGHT
         if soft_label == "auto":
-            # a softmax over the logits of one sigmoid class is 1 whatever the logit: its KL
-            # would be identically 0 and the logit distillation would silently vanish
-            soft_label = "sigmoid" if not two_stage and num_classes == 1 else "softmax"
-            if soft_label == "sigmoid":
+            soft_label = "softmax"  # official
+            if not two_stage and num_classes == 1 and soft_weight != 0:
+                # the official softmax over one sigmoid logit is constant, so its KL is 0: no
+                # soft term, as in the official code. The sigmoid form is an opt-in: at weight
+                # 1 it cost a one-class ImageNet student AP (docs/benchmarks.md, "One-class
+                # soft labels")
+                soft_weight = 0.0
                 logger.info(
-                    "GKD soft labels: one class, so the per-class sigmoid probabilities are "
-                    "distilled (binary KL, MODEL.GKD.SOFT_LABEL 'auto' -> 'sigmoid')"
+                    "GKD soft labels: one class, so no soft-label term (the official softmax "
+                    "over one logit is identically 0; MODEL.GKD.SOFT_LABEL 'auto'). To distil "
+                    "the sigmoid probabilities: MODEL.GKD.SOFT_LABEL sigmoid with "
+                    "MODEL.GKD.SOFT_WEIGHT 0.02 (the size of the many-class softmax term)"
                 )
         student_channels = shapes[in_features[0]].channels
         teacher_channels = student_channels
@@ -193,6 +199,7 @@ class DistilledDetector:
             num_classes=num_classes,
             level_reduction=reduction,
             soft_label=soft_label,
+            soft_weight=soft_weight,
         )
 
     def needs_descriptor_pass(self) -> bool:

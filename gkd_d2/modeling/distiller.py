@@ -162,9 +162,11 @@ class GKDDistiller(nn.Module):
         num_classes: int,
         level_reduction: str,
         soft_label: str,
+        soft_weight: float,
     ) -> GKDDistiller:
-        """The distiller of ``MODEL.GKD.*``; ``level_reduction`` and ``soft_label`` are the
-        detector's resolved ``LEVEL_REDUCTION`` and ``SOFT_LABEL`` ("auto" resolved)."""
+        """The distiller of ``MODEL.GKD.*``; ``level_reduction``, ``soft_label`` and
+        ``soft_weight`` are the detector's resolved ``LEVEL_REDUCTION``, ``SOFT_LABEL`` and
+        ``SOFT_WEIGHT`` ("auto" resolved)."""
         g = cfg.MODEL.GKD
         extra_terms, extra_weights = build_extra_losses(
             cfg,
@@ -186,7 +188,7 @@ class GKDDistiller(nn.Module):
             soft_label=soft_label,
             fg_weight=g.FG_WEIGHT,
             bg_weight=g.BG_WEIGHT,
-            soft_weight=g.SOFT_WEIGHT,
+            soft_weight=soft_weight,
             global_weight=g.GLOBAL_WEIGHT,
             level_reduction=level_reduction,
             extra_terms=extra_terms,
