@@ -223,24 +223,32 @@ def run_logged(cmd: list[str], log: Path, threads: int = 0) -> int:
 
 
 def train_net(
-    output_dir: Path, *argv: str, log: Path, threads: int = 0, eval_only: bool = False
+    output_dir: Path,
+    *argv: str,
+    log: Path,
+    threads: int = 0,
+    eval_only: bool = False,
+    runner: list[str] | None = None,
+    who: str = "bench_accuracy",
 ) -> dict:
-    """Run train_net.py into ``output_dir`` (log to ``log``); return its final COCO bbox metrics
-    (the ``results.json`` it writes there)."""
+    """Run train_net.py into ``output_dir`` (log to ``log``) through ``runner`` (the command that
+    registers the benchmark's datasets; default the Fashion splits'); return its final COCO
+    bbox metrics (the ``results.json`` it writes there). ``who`` names the benchmark in errors."""
     from gkd_d2.engine.results import read_results
 
-    cmd = [*WITH_DATA, "train_net.py", *(["--eval-only"] if eval_only else []), *argv]
+    cmd = [*(runner or WITH_DATA), "train_net.py", *(["--eval-only"] if eval_only else []), *argv]
     cmd += ["OUTPUT_DIR", str(output_dir)]
     if threads:
         cmd += ["NUM_THREADS", str(threads)]
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").unlink(missing_ok=True)  # an interrupted run's must not count
     returncode = run_logged(cmd, log, threads)
     if returncode != 0:
-        raise SystemExit(f"bench_accuracy: train_net.py failed (exit {returncode}), see {log}")
+        raise SystemExit(f"{who}: train_net.py failed (exit {returncode}), see {log}")
     try:
         bbox = read_results(str(output_dir))["bbox"]
     except (FileNotFoundError, KeyError):
-        raise SystemExit(f"bench_accuracy: no COCO evaluation in {output_dir}, see {log}") from None
+        raise SystemExit(f"{who}: no COCO evaluation in {output_dir}, see {log}") from None
     return {m: bbox[m] for m in METRICS}
 
 

@@ -56,6 +56,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import bench_accuracy
 from benchmarks.bench_accuracy import ALONE, Bench, arm_order, format_paired, run_logged
 from gkd_d2.data.scenes import SHAPE_CLASSES
 
@@ -154,24 +155,11 @@ def _number(v) -> float:
 
 def train_net(output_dir: Path, *argv: str, log: Path, threads: int = 0) -> dict:
     """A train_net.py run with the one-class splits registered, into ``output_dir``; its final
-    COCO bbox metrics (OUTPUT_DIR/results.json)."""
-    from gkd_d2.engine.results import read_results
-
-    cmd = [*WITH_DATA, "train_net.py", *argv, "OUTPUT_DIR", str(output_dir)]
-    if threads:
-        cmd += ["NUM_THREADS", str(threads)]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").unlink(missing_ok=True)  # an interrupted run's must not count
-    returncode = run_logged(cmd, log, threads)
-    if returncode != 0:
-        raise SystemExit(f"bench_one_class: train_net.py failed (exit {returncode}), see {log}")
-    try:
-        bbox = read_results(str(output_dir))["bbox"]
-    except (FileNotFoundError, KeyError):
-        raise SystemExit(
-            f"bench_one_class: no COCO evaluation in {output_dir}, see {log}"
-        ) from None
-    return {m: _number(bbox[m]) for m in METRICS}
+    COCO bbox metrics (OUTPUT_DIR/results.json), NaN for a metric COCO could not compute."""
+    m = bench_accuracy.train_net(
+        output_dir, *argv, log=log, threads=threads, runner=WITH_DATA, who="bench_one_class"
+    )
+    return {k: _number(m[k]) for k in METRICS}
 
 
 class _StopProbe(Exception):

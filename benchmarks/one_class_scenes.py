@@ -17,9 +17,6 @@ workers would not find its ``main``).
 
 from __future__ import annotations
 
-import runpy
-import sys
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 KEEP = "square"  # the class of the first round (and of the configs' DATASETS)
@@ -77,10 +74,9 @@ def register_one_class_datasets() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    script, *args = sys.argv[1:] if argv is None else argv
-    register_one_class_datasets()
-    sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
+    from benchmarks.with_fashion_data import run_script
+
+    run_script(argv, register_one_class_datasets)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import runpy
 import sys
+from collections.abc import Callable
 
 from benchmarks.fashion_scenes import register_fashion_datasets
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_script(argv: list[str] | None, register: Callable[[], None]) -> None:
+    """``register()``, then run ``argv[0]`` (a script path) with the arguments ``argv[1:]``
+    (default: this process's) in this process as ``__main__``."""
     script, *args = sys.argv[1:] if argv is None else argv
-    register_fashion_datasets()
+    register()
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_script(argv, register_fashion_datasets)
 
 
 if __name__ == "__main__":
