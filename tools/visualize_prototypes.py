@@ -66,6 +66,9 @@ from torch import Tensor, nn
 
 from gkd_d2.checkpoint import CheckpointLoadError, GKDCheckpointer, read_pth
 
+# COCO's size classes (area in original pixels), the ones training logs r by
+from gkd_d2.modeling.distiller import SIZE_GROUPS
+
 # the layout of prototypes.png, in pixels
 LABEL_WIDTH = 120  # row labels on the left
 HEADER_HEIGHT = 24  # title line
@@ -481,13 +484,12 @@ def robustness_in_training(
                 )
                 out["level"].append(per_level.argmax(dim=1)[has])
                 out["area"].append(gt_areas_in_original(gts, batch_inputs)[has])
+                flags = [
+                    _flags_of_rows(dataset_dicts[i], g.image_size, g.gt_boxes.tensor, g.gt_classes)
+                    for i, g in zip(batch, gts)
+                ]
                 for flag in ("occluded", "blurred"):
-                    values = []
-                    for i, g in zip(batch, gts):
-                        flags = _flags_of_rows(
-                            dataset_dicts[i], g.image_size, g.gt_boxes.tensor, g.gt_classes
-                        )
-                        values += flags[flag]
+                    values = [v for f in flags for v in f[flag]]
                     out[flag].append(torch.tensor(values, dtype=torch.int8)[has])
     finally:
         for buf, value in zip(buffers, saved):
@@ -557,8 +559,6 @@ R_SOURCES = {
     "box": "box: r of the ground-truth box itself, box-crop means at its size's level "
     "(not the r that weights training)",
 }
-# COCO's size classes (area in original pixels): small < 32^2 <= medium < 96^2 <= large
-SIZE_CLASSES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e18)}
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -578,7 +578,7 @@ def _mean_of(r: Tensor) -> dict:
 def groups_of(result: dict) -> dict[str, dict[str, Tensor]]:
     """The (N,) masks of the diagnostic groups: sizes, and each flag the dataset records."""
     area = result["area"]
-    out = {"size": {k: (area >= lo) & (area < hi) for k, (lo, hi) in SIZE_CLASSES.items()}}
+    out = {"size": {k: (area >= lo) & (area < hi) for k, (lo, hi) in SIZE_GROUPS.items()}}
     for flag in ("occluded", "blurred"):
         flags = result[flag]
         if bool((flags >= 0).any()):  # only datasets that record the flag

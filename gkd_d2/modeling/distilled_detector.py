@@ -183,7 +183,7 @@ class DistilledDetector:
                     "GKD soft labels: one class, so no soft-label term (the official softmax "
                     "over one logit is identically 0; MODEL.GKD.SOFT_LABEL 'auto'). To distil "
                     "the sigmoid probabilities: MODEL.GKD.SOFT_LABEL sigmoid with "
-                    "MODEL.GKD.SOFT_WEIGHT 0.02 (the size of the many-class softmax term)"
+                    "MODEL.GKD.SOFT_WEIGHT 0.01 (about the size of the many-class softmax term)"
                 )
         student_channels = shapes[in_features[0]].channels
         teacher_channels = student_channels

@@ -398,7 +398,6 @@ class GKDDistiller(nn.Module):
 
         losses: dict[str, Tensor] = {}
         effects: dict[str, Tensor] = {}  # each term with the weights / with weight 1
-        map_shapes = [(f.shape[0], f.shape[2], f.shape[3]) for f in teacher_feats]
         if self.fg_weight != 0 or self.bg_weight != 0:
             fg_total = bg_total = fg_unit_total = zero
             for lvl in range(L):
@@ -478,7 +477,7 @@ class GKDDistiller(nn.Module):
                     weights=weights.detach(),
                     soft_r=soft_r,
                     instance_gt=instance_gt,
-                    map_shapes=map_shapes,
+                    map_shapes=[(f.shape[0], f.shape[2], f.shape[3]) for f in teacher_feats],
                 )
             )
         stats = {"gkd/num_instances": float(N)}
@@ -510,9 +509,9 @@ def _r_by_size(prefix: str, r: Tensor, areas: Tensor) -> dict[str, float]:
         return {}
     lows = r.new_tensor([lo for lo, _ in SIZE_GROUPS.values()])
     group = (areas.float()[:, None] >= lows[None, :]).sum(dim=1) - 1  # (N,) 0 small .. 2 large
-    counts = torch.bincount(group, minlength=len(SIZE_GROUPS))
+    counts = torch.bincount(group, minlength=len(SIZE_GROUPS)).to(r.dtype)
     sums = torch.zeros(len(SIZE_GROUPS), dtype=r.dtype, device=r.device).index_add_(0, group, r)
-    counts_l, sums_l = counts.tolist(), sums.tolist()
+    counts_l, sums_l = torch.stack([counts, sums]).tolist()  # one transfer
     return {f"{prefix}_{name}": s / c for name, c, s in zip(SIZE_GROUPS, counts_l, sums_l) if c > 0}
 
 
