@@ -373,3 +373,22 @@ def test_overlap_statistics_by_hand():
     assert stats["mean_weight_last"] == pytest.approx((2 * 0.9 + 4 * 0.3) / 6)
     assert stats["mean_abs_difference_shared"] == pytest.approx(0.6)
     assert stats["changed_share"] == pytest.approx(2 / 6)
+
+
+def test_training_batches_by_hand():
+    """Images without ground truth are skipped, batches hold ``size`` images, and a leftover
+    single image joins the last batch (train-mode BN needs two values per channel)."""
+    dicts = [{"n": n} for n in (1, 0, 2, 1, 3, 1, 1, 2)]  # ground-truth boxes per image
+
+    def mapper(d):
+        return {"instances": [0] * d["n"]}
+
+    def sizes(ds, size):
+        return [idx for idx, _ in vis.training_batches(mapper, ds, size)]
+
+    assert sizes(dicts, 3) == [[0, 2, 3], [4, 5, 6, 7]]  # 7 with boxes: 3 + a leftover of 1 -> 4
+    assert sizes(dicts, 2) == [[0, 2], [3, 4], [5, 6, 7]]
+    assert sizes(dicts[:4], 2) == [[0, 2, 3]]
+    assert sizes([{"n": 1}], 2) == [[0]]  # a single image with nothing to join: alone
+    assert sizes(dicts[:3], 5) == [[0, 2]]
+    assert sizes([{"n": 0}], 2) == []

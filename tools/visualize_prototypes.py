@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -395,6 +396,34 @@ def per_box_mean_min(values: Tensor, rows: Tensor, num_boxes: int) -> tuple[Tens
     return mean, low, count
 
 
+def training_batches(
+    mapper: DatasetMapper, dataset_dicts: list[dict], size: int
+) -> Iterator[tuple[list[int], list[dict]]]:
+    """The mapped images that keep ground truth, ``size`` at a time, as (their indices in
+    ``dataset_dicts``, the mapped inputs); a leftover single image joins the last batch
+    (train-mode BN needs more than one value per channel). Maps lazily: at most two batches
+    are held."""
+    pending: tuple[list[int], list[dict]] | None = None
+    batch: tuple[list[int], list[dict]] = ([], [])
+    for i, d in enumerate(dataset_dicts):
+        x = mapper(dict(d))
+        if not len(x["instances"]):
+            continue
+        batch[0].append(i)
+        batch[1].append(x)
+        if len(batch[0]) == size:
+            if pending is not None:
+                yield pending
+            pending, batch = batch, ([], [])
+    if pending is not None and len(batch[0]) == 1:
+        pending = (pending[0] + batch[0], pending[1] + batch[1])
+        batch = ([], [])
+    if pending is not None:
+        yield pending
+    if batch[0]:
+        yield batch
+
+
 @torch.no_grad()
 def robustness_in_training(
     model: nn.Module,
@@ -435,26 +464,20 @@ def robustness_in_training(
     from gkd_d2.modeling.distilled_detector import gt_areas_in_original
 
     mapper = training_mapper(cfg)
-    inputs = [mapped for mapped in (mapper(dict(d)) for d in dataset_dicts[:max_images])]
-    keep = [i for i, x in enumerate(inputs) if len(x["instances"])]
-    size = batch_size or cfg.SOLVER.IMS_PER_BATCH
-    starts = list(range(0, len(keep), size))
-    if len(starts) > 1 and len(keep) - starts[-1] == 1:
-        starts.pop()  # the leftover image joins the last batch
-    batches = [
-        keep[s : (starts[i + 1] if i + 1 < len(starts) else None)] for i, s in enumerate(starts)
-    ]
+    batches = training_batches(
+        mapper, dataset_dicts[:max_images], batch_size or cfg.SOLVER.IMS_PER_BATCH
+    )
     buffers = list(model.buffers())
     saved = [b.clone() for b in buffers]
     keys = ("r", "r_min", "r_soft", "r_soft_min", "positives", "cls", "level", "area")
     out: dict[str, list] = {k: [] for k in (*keys, "occluded", "blurred")}
-    records, unmatched = [], 0
+    records, unmatched, images = [], 0, 0
     torch.manual_seed(seed)
     model.train()
     try:
         with EventStorage(0):
-            for batch in batches:
-                batch_inputs = [inputs[i] for i in batch]
+            for batch, batch_inputs in batches:
+                images += len(batch)
                 seen: list = []
                 with model.distiller.recording_instances(seen.append):
                     model(batch_inputs)
@@ -501,7 +524,7 @@ def robustness_in_training(
         for k, v in out.items()
         if v or k not in ("r_soft", "r_soft_min")  # soft-label r: Faster R-CNN only
     }
-    result["images"] = len(keep)
+    result["images"] = images
     result["boxes_without_positives"] = unmatched
     result["records"] = records
     return result
