@@ -102,9 +102,10 @@ class StepRecord:
     anchors: list | None = None
     gt_labels: list[Tensor] | None = None
     matched_gt_boxes: list[Tensor] | None = None
-    # Faster R-CNN: the backbone's features, the sampled proposals, their pooled RoI features
-    # and the box predictor's outputs
+    # Faster R-CNN: the backbone's features and ground truth as the ROI heads receive them,
+    # the sampled proposals, their pooled RoI features and the box predictor's outputs
     features: dict[str, Tensor] | None = None
+    gt_instances: list | None = None
     proposals: list | None = None
     pooled: Tensor | None = None
     predictions: tuple | None = None

@@ -53,6 +53,14 @@ def positive_proposals(
     return rows, image[rows], boxes[rows], classes[rows]
 
 
+def record_roi_heads_inputs(step, args: tuple) -> None:
+    """Keep what detectron2's ``GeneralizedRCNN`` hands its ROI heads positionally, ``(images,
+    features, proposals, targets)``: the backbone features and the ground truth it already moved
+    to the device."""
+    step.features = args[1]
+    step.gt_instances = args[3] if len(args) > 3 else None
+
+
 def boxes_per_image(boxes: Tensor, batch_idx: Tensor, num_images: int) -> list[Boxes]:
     """Split image-major (N, 4) boxes into one ``Boxes`` per image (a pooler's input)."""
     counts = torch.bincount(batch_idx, minlength=num_images).tolist()
@@ -140,7 +148,7 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         heads = self.roi_heads
         with (
             self.recording_step(batched_inputs) as step,
-            forward_inputs(heads, lambda args: setattr(step, "features", args[1])),
+            forward_inputs(heads, lambda args: record_roi_heads_inputs(step, args)),
             method_outputs(
                 heads, "label_and_sample_proposals", lambda p: setattr(step, "proposals", p)
             ),
@@ -156,6 +164,7 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
                 step.pooled,
                 step.predictions[0],
                 step.descriptors,
+                step.gt_instances,
             )
         )
         return losses
@@ -168,15 +177,18 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         pooled: Tensor,
         logits: Tensor,
         descriptors: dict[str, Tensor] | None = None,
+        gt_instances: list[Instances] | None = None,
     ) -> dict[str, Tensor]:
         """GKD losses from the sampled proposals, their pooled (R, C, h, w) features and their
         (R, K + 1) logits (rows in the proposals' image-major order); ``descriptors``: the
         backbone features r is computed from when they are not ``features``
-        (``descriptor_features``)."""
+        (``descriptor_features``); ``gt_instances``: the batch's ground truth on the model's
+        device (default: the inputs' own, moved there)."""
         heads = self.roi_heads
         rows, batch_idx, boxes, classes = positive_proposals(proposals, heads.num_classes)
         # each positive's matched ground truth (r by size group): the sampler's gt_boxes
-        gt_instances = [x["instances"].to(boxes.device) for x in batched_inputs]
+        if gt_instances is None:
+            gt_instances = [x["instances"].to(boxes.device) for x in batched_inputs]
         matched = torch.cat(
             [
                 p.gt_boxes.tensor
