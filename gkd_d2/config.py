@@ -53,9 +53,20 @@ def add_gkd_config(cfg: CN) -> CN:
     g.MAX_IMAGES_PER_CLASS = 800  # images sampled per class (all their qualifying boxes used)
     g.SAMPLE_SEED = 1  # seed of the one-off instance sampling
     g.REFRESH_PERIOD = 0  # iterations between refreshes; 0 = one epoch of the training set
-    # images per forward during prototype extraction; >1 is faster, but padding to the largest
-    # image of the batch changes features near the borders of smaller ones (official: 1)
+    # images per forward during prototype extraction (official: 1); a batch holds images of one
+    # padded size only, so its size changes no feature beyond float rounding. The images are
+    # read by DATALOADER.NUM_WORKERS loader workers
     g.EXTRACT_BATCH_SIZE = 1
+    # "full" (official): each refresh forwards the whole sample through the student in the
+    # test pipeline. "bank": the student's features of the sample are harvested from the
+    # epoch's training forwards, the prototypes selected on them, and only the picked
+    # instances re-extracted in the test pipeline (docs/usage.md "Refresh modes")
+    g.REFRESH_MODE = "full"
+    # CUDA only: the refresh's extraction pass under autocast (fp16); picks can differ from fp32
+    g.EXTRACT_AMP = False
+    # the teacher's features of the sample, extracted once, kept in
+    # OUTPUT_DIR/gkd_teacher_features.pth and reused by a resumed run
+    g.TEACHER_CACHE = True
     # ---- RDM: robust distillation
     # student -> teacher adapter per FPN level: 3 (official 3x3 conv) or 1 (1x1, cheaper)
     g.ADAPTER_KERNEL = 3

@@ -206,6 +206,9 @@ def test_two_processes_build_the_same_bank_as_one(tmp_path, python, teacher_weig
         # float noise only (one process vs two with other thread counts; measured up to 2.2e-6
         # with detectron2 main): a wrong image in the bank moves prototypes by ~1e-1
         torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-5)
+    # the selections are shared out over the two ranks and gathered: the same picks
+    assert torch.equal(r0["distiller.proto_index"], r1["distiller.proto_index"])
+    assert torch.equal(r0["distiller.proto_index"], one["distiller.proto_index"])
     assert (one["distiller.proto_counts"] > 0).all()
 
 

@@ -84,7 +84,7 @@ class TeacherIsTheStudent(HookBase):
         model.teacher.model.load_state_dict(state, strict=True)
         for h in self.trainer._hooks:
             if isinstance(h, PrototypeRefresh):
-                h._teacher_cache = None
+                h.forget_teacher_features()
 
 
 def self_teacher_trainer(tmp_path, detector: str, norm: str, *opts) -> Trainer:
@@ -105,12 +105,24 @@ def self_teacher_trainer(tmp_path, detector: str, norm: str, *opts) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(
+    ("norm", "mode"), [(n, "full") for n in NORMS] + [("BN", "bank"), ("FrozenBN", "bank")]
+)
 @pytest.mark.parametrize("detector", sorted(DETECTORS))
-def test_self_teacher_gets_r_one_and_no_global_loss(tmp_path, detector, norm):
-    # 3 iterations, refreshes at 0 and 2; the student trains in train mode (LR 0)
+def test_self_teacher_gets_r_one_and_no_global_loss(tmp_path, detector, norm, mode):
+    # 3 iterations, refreshes at 0 and 2; the student trains in train mode (LR 0). Bank mode:
+    # the second refresh selects on the instances harvested at iterations 0 and 1 (the rest
+    # extracted) and re-extracts the picked ones
     trainer = self_teacher_trainer(
-        tmp_path, detector, norm, "SOLVER.MAX_ITER", "3", "MODEL.GKD.REFRESH_PERIOD", "2"
+        tmp_path,
+        detector,
+        norm,
+        "SOLVER.MAX_ITER",
+        "3",
+        "MODEL.GKD.REFRESH_PERIOD",
+        "2",
+        "MODEL.GKD.REFRESH_MODE",
+        mode,
     )
     trainer.register_hooks([TeacherIsTheStudent()])
     trainer._hooks.insert(0, trainer._hooks.pop())  # before the refresh
@@ -130,6 +142,8 @@ def test_self_teacher_gets_r_one_and_no_global_loss(tmp_path, detector, norm):
         for it, v in values.items():
             assert v == pytest.approx(1.0, abs=1e-4), (key, it, v)
     assert history["gkd/num_instances"].latest() > 0
+    if mode == "bank":
+        assert 0 < history["gkd/pgm_harvested"].latest() < 1
     # the same prototypes in both spaces (the same instances, the same features)
     d = model.distiller
     assert int(d.bank_iter) == 2 and (d.proto_counts > 0).all()

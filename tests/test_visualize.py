@@ -126,9 +126,8 @@ def test_proto_index_names_the_sampled_instances(trained):
     images = sorted(set(inst["image"][rows].tolist()))
     ids, feats_t = extract_instance_features(
         model.teacher.features,
-        lambda i: mapper(dict(dicts[i])),
+        [[(i, mapper(dict(dicts[i])))] for i in images],
         inst,
-        images,
         list(model.distill_in_features),
         model.distiller.strides,
     )

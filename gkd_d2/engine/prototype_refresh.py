@@ -8,9 +8,10 @@ no flip, a fixed sample of up to MAX_IMAGES_PER_CLASS images per class drawn onc
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,10 +22,15 @@ from detectron2.utils import comm
 from torch import Tensor
 
 from ..distill import box_crop_mean, select_prototypes
+from .feature_harvest import FeatureHarvest
+from .refresh_inputs import Batch, refresh_batches
 from .rng import preserved_rng
 from .schedule import refresh_period, train_dataset_dicts
+from .teacher_cache import FILE_NAME, TeacherFeatureCache, teacher_cache_key
 
 logger = logging.getLogger(__name__)
+
+REFRESH_MODES = ("full", "bank")
 
 # A forward of a batch of detectron2 input dicts to (FPN features by name, their ImageList).
 FeatureFn = Callable[[list[dict]], tuple[dict[str, Tensor], ImageList]]
@@ -77,24 +83,25 @@ def sample_instances(
 @torch.no_grad()
 def extract_instance_features(
     forward: FeatureFn,
-    inputs_of: Callable[[int], dict],
+    batches: Iterable[Batch],
     instances: dict[str, Tensor],
-    image_ids: list[int],
     level_names: list[str],
     strides: list[int],
-    batch_size: int = 1,
     label: str = "",
+    num_images: int | None = None,
+    autocast: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Box-crop features of the sampled instances that lie in ``image_ids``.
+    """Box-crop features of the sampled instances in the images of ``batches``.
 
     Each image is forwarded once, whatever the number of classes it holds.
 
     Args:
         forward: batch of input dicts -> (features by level name, ImageList).
-        inputs_of: dataset index -> detectron2 input dict (test-time mapper: "image", "height",
-            "width").
+        batches: lists of (dataset index, test-time input dict: "image", "height", "width"),
+            e.g. :func:`~gkd_d2.engine.refresh_inputs.refresh_batches` (this rank's share).
         instances: the sample of :func:`sample_instances`.
-        image_ids: dataset indices of the images to process (this rank's shard).
+        num_images: the images in ``batches``, for the progress log.
+        autocast: run ``forward`` under CUDA autocast (fp16); the pooled sums stay fp32.
 
     Returns:
         ids: (n,) int64 row indices into ``instances`` of the instances covered;
@@ -106,13 +113,13 @@ def extract_instance_features(
     rows_of = dict(zip(images_sorted.tolist(), order.split(counts.tolist())))
     ids_out: list[Tensor] = []
     feats_out: list[list[Tensor]] = [[] for _ in level_names]
-    start, last_log = time.perf_counter(), time.perf_counter()
-    for b0 in range(0, len(image_ids), batch_size):
-        chunk = image_ids[b0 : b0 + batch_size]
-        inputs = [inputs_of(i) for i in chunk]
-        feats, images = forward(inputs)
+    start, last_log, done = time.perf_counter(), time.perf_counter(), 0
+    for batch in batches:
+        inputs = [inp for _, inp in batch]
+        with torch.autocast("cuda", enabled=autocast):
+            feats, images = forward(inputs)
         boxes, batch_idx, rows = [], [], []
-        for j, (i, inp) in enumerate(zip(chunk, inputs)):
+        for j, (i, inp) in enumerate(batch):
             sel = rows_of[i]
             h, w = images.image_sizes[j]
             scale = torch.tensor([w / inp["width"], h / inp["height"]] * 2)
@@ -125,50 +132,116 @@ def extract_instance_features(
         for k, (name, stride) in enumerate(zip(level_names, strides)):
             feats_out[k].append(box_crop_mean(feats[name], boxes_t, bidx, stride).float().cpu())
         ids_out.append(torch.cat(rows))
-        done = b0 + len(chunk)
-        if time.perf_counter() - last_log > 10 or done == len(image_ids):
+        done += len(batch)
+        if time.perf_counter() - last_log > 10:
             elapsed = time.perf_counter() - start
-            eta = elapsed / done * (len(image_ids) - done)
-            logger.info(
-                f"PGM {label}: {done}/{len(image_ids)} images, {elapsed:.0f}s, ETA {eta:.0f}s"
-            )
+            total = f"/{num_images}" if num_images else ""
+            eta = f", ETA {elapsed / done * (num_images - done):.0f}s" if num_images else ""
+            logger.info(f"PGM {label}: {done}{total} images, {elapsed:.0f}s{eta}")
             last_log = time.perf_counter()
     if not ids_out:
         return torch.zeros(0, dtype=torch.long), [torch.zeros(0, 0) for _ in level_names]
     return torch.cat(ids_out), [torch.cat(f) for f in feats_out]
 
 
-def gather_features(ids: Tensor, feats: list[Tensor], total: int) -> list[Tensor]:
-    """All-gather every rank's instance features; (total, C) per level in instance order."""
-    parts = comm.all_gather((ids, feats))
-    all_ids = torch.cat([p[0] for p in parts])
-    out = []
-    for k in range(len(feats)):
-        rows = torch.cat([p[1][k] for p in parts if len(p[0])])
-        full = torch.zeros(total, rows.shape[1])
-        full[all_ids] = rows
-        out.append(full)
-    if sorted(all_ids.tolist()) != list(range(total)):
-        raise RuntimeError(f"PGM: gathered {len(all_ids)} instance features, expected {total}")
-    return out
+def gather_features(ids: Tensor, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """All-gather every rank's instance features: (n,) rows and per level (n, C), rank-major."""
+    parts = [p for p in comm.all_gather((ids, feats)) if len(p[0])]
+    if not parts:
+        return ids, feats
+    return torch.cat([p[0] for p in parts]), [
+        torch.cat([p[1][k] for p in parts]) for k in range(len(feats))
+    ]
+
+
+def selection_shares(sizes: list[int], world_size: int) -> list[int]:
+    """The rank that solves each selection problem: longest first to the least-loaded rank
+    (cost ~ N^2: the density matrices), ties by problem order, then lowest rank.
+
+    Args:
+        sizes: N of each problem.
+
+    Returns:
+        the rank of each problem.
+    """
+    load = [0] * world_size
+    owner = [0] * len(sizes)
+    for p in sorted(range(len(sizes)), key=lambda p: (-sizes[p], p)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[p] = r
+        load[r] += sizes[p] ** 2
+    return owner
+
+
+def select_bank(
+    feats_s: list[Tensor],
+    feats_t: list[Tensor],
+    classes: Tensor,
+    num_classes: int,
+    select: Callable[[Tensor, Tensor], Tensor],
+    device: torch.device | str = "cpu",
+) -> list[list[Tensor]]:
+    """Prototype picks of every (class, level), each problem solved by one rank on ``device``
+    and the picks all-gathered, so that every rank holds the same picks.
+
+    Args:
+        feats_s, feats_t: per level, (N, C_S) / (N, C_T) features of the whole sample.
+        classes: (N,) int64 class of each instance.
+        select: (feats_s, feats_t) of one class -> (m,) int64 picks among its rows.
+
+    Returns:
+        picks[c][level]: (m,) int64 CPU sample rows of the prototypes.
+    """
+    num_levels = len(feats_s)
+    rows_of = [torch.nonzero(classes == c).flatten() for c in range(num_classes)]
+    problems = [(c, lvl) for c in range(num_classes) for lvl in range(num_levels)]
+    owner = selection_shares([len(rows_of[c]) for c, _ in problems], comm.get_world_size())
+    mine = {}
+    for p, (c, lvl) in enumerate(problems):
+        if owner[p] != comm.get_rank():
+            continue
+        rows = rows_of[c]
+        idx = select(feats_s[lvl][rows].to(device), feats_t[lvl][rows].to(device))
+        mine[p] = rows[idx.cpu()]
+    solved = {}
+    for part in comm.all_gather(mine):
+        solved.update(part)
+    return [[solved[c * num_levels + lvl] for lvl in range(num_levels)] for c in range(num_classes)]
 
 
 class PrototypeRefresh(HookBase):
     """Refresh the prototype bank before iteration 0 and then every ``period`` iterations.
 
-    The instance sample is drawn once and kept in the hook's checkpoint state; the teacher
-    features are extracted once per process and cached; images are sharded over ranks and the
-    features all-gathered, so every rank selects the same bank. The bank itself lives in the
-    model (``distiller`` buffers), hence in every checkpoint; a resumed run skips the refresh
-    that produced the bank it loaded. Each prototype's row in the instance sample goes to the
-    bank too (``distiller.proto_index``), so that the checkpoint says which instances the
-    prototypes are (``tools/visualize_prototypes.py`` draws them).
+    The instance sample is drawn once and kept in the hook's checkpoint state. Images are read
+    by loader workers (:func:`~gkd_d2.engine.refresh_inputs.refresh_batches`), sharded over
+    ranks, and the features all-gathered; the (class, level) selections are shared out over
+    the ranks, run on the model's device and their picks all-gathered, so every rank holds the
+    same bank. The teacher's features are extracted once and cached in memory and in
+    ``OUTPUT_DIR/gkd_teacher_features.pth`` (MODEL.GKD.TEACHER_CACHE), which a resumed run
+    reads instead of a teacher pass.
+
+    MODEL.GKD.REFRESH_MODE "full" (official) extracts the student's features of the whole
+    sample at each refresh. "bank" takes them from the epoch's training forwards
+    (:class:`~gkd_d2.engine.feature_harvest.FeatureHarvest`), extracts only the instances not
+    harvested, selects, and re-extracts the picked instances with the current student, so the
+    prototypes themselves are as in full mode. The harvest is merged over ranks before each
+    checkpoint and saved with the hook's state: a resumed run continues it.
+
+    The bank itself lives in the model (``distiller`` buffers), hence in every checkpoint; a
+    resumed run skips the refresh that produced the bank it loaded. Each prototype's row in the
+    instance sample goes to the bank too (``distiller.proto_index``), so that the checkpoint
+    says which instances the prototypes are (``tools/visualize_prototypes.py`` draws them).
 
     Each refresh writes to the EventStorage (metrics.json, TensorBoard; not smoothed):
     ``gkd/refresh_seconds``, ``gkd/pgm_instances`` (the sample's size),
-    ``gkd/pgm_classes_without_prototypes`` and, per class (``thing_classes`` of the first
-    training set, else the index), ``gkd/pgm_instances/<class>`` (its instances in the sample)
-    and ``gkd/pgm_picks/<class>`` (its distinct instances picked as prototypes, all levels).
+    ``gkd/pgm_classes_without_prototypes``, ``gkd/pgm_student_images`` and
+    ``gkd/pgm_teacher_images`` (forwarded by this process), in bank mode
+    ``gkd/pgm_harvested`` (the share of the sample's instances harvested) and
+    ``gkd/pgm_unplaced_images`` (sampled training images whose augmentation the harvest could
+    not follow, extracted instead) and, per class
+    (``thing_classes`` of the first training set, else the index), ``gkd/pgm_instances/<class>``
+    (its instances in the sample) and ``gkd/pgm_picks/<class>`` (its distinct instances picked
+    as prototypes, all levels).
     """
 
     def __init__(self, cfg, model: torch.nn.Module | None = None):
@@ -177,13 +250,21 @@ class PrototypeRefresh(HookBase):
         self.model = model
         self.dataset_dicts = train_dataset_dicts(cfg)
         self.period = refresh_period(cfg)
+        self.mode = cfg.MODEL.GKD.REFRESH_MODE
+        if self.mode not in REFRESH_MODES:
+            raise ValueError(
+                f"MODEL.GKD.REFRESH_MODE must be one of {REFRESH_MODES}, not {self.mode!r}"
+            )
         self.instances: dict[str, Tensor] | None = None
-        self._teacher_cache: list[Tensor] | None = None
+        self._teacher_features: list[Tensor] | None = None
+        self.teacher_cache = TeacherFeatureCache(
+            os.path.join(cfg.OUTPUT_DIR, FILE_NAME) if cfg.MODEL.GKD.TEACHER_CACHE else None
+        )
+        self.harvest: FeatureHarvest | None = None
+        self._harvest_state: dict | None = None  # loaded before the harvest exists
         self._mapper = DatasetMapper(cfg, is_train=False)
-        self.images_forwarded = 0  # per refresh, by this process (both models counted once)
-
-    def _inputs_of(self, index: int) -> dict:
-        return self._mapper(dict(self.dataset_dicts[index]))
+        # per refresh, by this process: images forwarded by each model, harvested rows
+        self.last_counts: dict[str, int] = {}
 
     def student(self) -> torch.nn.Module:
         """The GKD student: the one given, else the trainer's (unwrapped from DDP)."""
@@ -193,13 +274,115 @@ class PrototypeRefresh(HookBase):
             self.model = gkd_model_of(self.trainer)
         return self.model
 
+    def forget_teacher_features(self) -> None:
+        """Drop the in-memory teacher features: the next refresh reads the cache file, whose
+        key is checked against the teacher as it is then, or extracts them again."""
+        self._teacher_features = None
+
     def before_train(self) -> None:
         self.student().prepare_distillation()
+        if self.instances is not None:  # a resumed run goes on harvesting
+            self._install_harvest()
 
     def before_step(self) -> None:
         it = self.trainer.iter
         if it % self.period == 0 and int(self.student().distiller.bank_iter) != it:
             self.refresh(it)
+
+    def after_step(self) -> None:
+        # every rank's harvest into the one detectron2's PeriodicCheckpointer (a later hook)
+        # saves from the main process, at the iterations it saves at
+        if self.harvest is None:
+            return
+        it, period = self.trainer.iter, self.cfg.SOLVER.CHECKPOINT_PERIOD
+        if (period > 0 and (it + 1) % period == 0) or it >= self.trainer.max_iter - 1:
+            self.harvest.merge()
+
+    def _install_harvest(self) -> None:
+        if self.mode != "bank" or self.harvest is not None:
+            return
+        model = self.student()
+        self.harvest = FeatureHarvest(
+            self.instances,
+            [d.get("file_name", str(i)) for i, d in enumerate(self.dataset_dicts)],
+            list(model.distill_in_features),
+            model.distiller.strides,
+        )
+        if self._harvest_state is not None:
+            self.harvest.load_state_dict(self._harvest_state)
+            self._harvest_state = None
+        model.feature_harvest = self.harvest
+
+    def _batches(self, images: list[int]) -> Iterable[Batch]:
+        """This rank's share of ``images`` (dataset indices), loaded in batches."""
+        cfg = self.cfg
+        return refresh_batches(
+            self.dataset_dicts,
+            images[comm.get_rank() :: comm.get_world_size()],
+            self._mapper,
+            cfg.MODEL.GKD.EXTRACT_BATCH_SIZE,
+            cfg.DATALOADER.NUM_WORKERS,
+            cfg.INPUT.MIN_SIZE_TEST,
+            cfg.INPUT.MAX_SIZE_TEST,
+            self.student().backbone.size_divisibility,
+        )
+
+    def _extract(self, forward: FeatureFn, images: list[int], label: str) -> tuple:
+        """Features of the sampled instances in ``images``, from every rank (gathered)."""
+        model = self.student()
+        autocast = bool(self.cfg.MODEL.GKD.EXTRACT_AMP) and model.device.type == "cuda"
+        share = len(images[comm.get_rank() :: comm.get_world_size()])
+        self.last_counts[f"{label}_images"] = self.last_counts.get(f"{label}_images", 0) + share
+        ids, feats = extract_instance_features(
+            forward,
+            self._batches(images),
+            self.instances,
+            list(model.distill_in_features),
+            model.distiller.strides,
+            label,
+            share,
+            autocast,
+        )
+        return gather_features(ids, feats)
+
+    def _teacher_key(self) -> dict:
+        model, cfg, inst = self.student(), self.cfg, self.instances
+        first_images = torch.unique_consecutive(inst["image"]).tolist()
+        return teacher_cache_key(
+            model.teacher.model,
+            inst,
+            [str(self.dataset_dicts[i].get("file_name", i)) for i in first_images],
+            {
+                "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+                "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+                "format": cfg.INPUT.FORMAT,
+            },
+            list(model.distill_in_features),
+            model.distiller.strides,
+            bool(cfg.MODEL.GKD.EXTRACT_AMP) and model.device.type == "cuda",
+        )
+
+    def teacher_features(self, images: list[int]) -> list[Tensor]:
+        """The teacher's features of the whole sample: in memory, else from the cache file when
+        every rank can read it with this run's key, else extracted (and the file written)."""
+        if self._teacher_features is not None:
+            return self._teacher_features
+        n = len(self.instances["cls"])
+        key = self._teacher_key()
+        cached = self.teacher_cache.load(key)
+        if all(comm.all_gather(cached is not None)):
+            self._teacher_features = cached
+            return cached
+        ids, feats = self._extract(self.student().teacher.features, images, "teacher")
+        if sorted(ids.tolist()) != list(range(n)):
+            raise RuntimeError(f"PGM: gathered {len(ids)} teacher instance features, expected {n}")
+        table = [torch.zeros(n, f.shape[1]) for f in feats]
+        for t, f in zip(table, feats):
+            t[ids] = f
+        if comm.is_main_process():
+            self.teacher_cache.save(key, table)
+        self._teacher_features = table
+        return table
 
     def refresh(self, iteration: int) -> None:
         g = self.cfg.MODEL.GKD
@@ -207,6 +390,7 @@ class PrototypeRefresh(HookBase):
         distiller = model.distiller
         num_classes, num_levels = distiller.protos_s.shape[1], distiller.protos_s.shape[0]
         start = time.perf_counter()
+        self.last_counts = {"student_images": 0, "teacher_images": 0, "harvested": 0}
         if self.instances is None:
             self.instances = sample_instances(
                 self.dataset_dicts,
@@ -215,8 +399,10 @@ class PrototypeRefresh(HookBase):
                 g.MAX_IMAGES_PER_CLASS,
                 g.SAMPLE_SEED,
             )
+        self._install_harvest()
         inst = self.instances
-        if len(inst["cls"]) == 0:
+        n = len(inst["cls"])
+        if n == 0:
             logger.warning(
                 f"PGM: no training box is larger than {g.MIN_BOX_SIZE} px: no prototypes, every "
                 "instance gets r = 1 (unweighted knowledge)"
@@ -225,66 +411,72 @@ class PrototypeRefresh(HookBase):
             self._put_summaries(time.perf_counter() - start, [[] for _ in range(num_classes)])
             return
         images = sorted(set(inst["image"].tolist()))
-        shard = images[comm.get_rank() :: comm.get_world_size()]
-        names = list(model.distill_in_features)
-        strides = distiller.strides
 
         def student_forward(inputs):
             ims = model.preprocess_image(inputs)
             return model.backbone(ims.tensor), ims
 
+        # the student's features of the whole sample: harvested rows (bank mode, since the
+        # bank now in use), the rest extracted in the test pipeline
+        feats_s: list[Tensor] | None = None
+        have = torch.zeros(n, dtype=torch.bool)
+        current = torch.zeros(n, dtype=torch.bool)  # extracted now, with the current student
+        if self.harvest is not None:
+            self.harvest.merge()
+            rows, harvested = self.harvest.rows()
+            self.last_counts["unplaced"] = self.harvest.unplaced
+            if self.harvest.since == int(distiller.bank_iter) and len(rows):
+                feats_s = [torch.zeros(n, f.shape[1]) for f in harvested]
+                for t, f in zip(feats_s, harvested):
+                    t[rows] = f
+                have[rows] = True
+                self.last_counts["harvested"] = len(rows)
+
+        def fill(ids: Tensor, feats: list[Tensor]) -> list[Tensor]:
+            table = feats_s or [torch.zeros(n, f.shape[1]) for f in feats]
+            for t, f in zip(table, feats):
+                t[ids] = f
+            have[ids] = True
+            current[ids] = True
+            return table
+
         was_training = model.training
         model.eval()
         try:
             with preserved_rng():
-                ids, feats_s = extract_instance_features(
-                    student_forward,
-                    self._inputs_of,
-                    inst,
-                    shard,
-                    names,
-                    strides,
-                    g.EXTRACT_BATCH_SIZE,
-                    "student",
-                )
-                if self._teacher_cache is None:
-                    teacher = model.teacher
-                    tid, feats_t = extract_instance_features(
-                        teacher.features,
-                        self._inputs_of,
-                        inst,
-                        shard,
-                        names,
-                        strides,
-                        g.EXTRACT_BATCH_SIZE,
-                        "teacher",
-                    )
-                    self._teacher_cache = gather_features(tid, feats_t, len(inst["cls"]))
-        finally:
-            model.train(was_training)
-        self.images_forwarded = len(shard)
-        feats_s = gather_features(ids, feats_s, len(inst["cls"]))
-        feats_t = self._teacher_cache
-
-        empty = []
-        picked: list[list[Tensor]] = [[] for _ in range(num_classes)]  # per class, per level
-        for c in range(num_classes):
-            rows = torch.nonzero(inst["cls"] == c).flatten()
-            if len(rows) == 0:
-                empty.append(c)
-            for lvl in range(num_levels):
-                picks = rows[
-                    select_prototypes(
-                        feats_s[lvl][rows],
-                        feats_t[lvl][rows],
+                missing = sorted(set(inst["image"][~have].tolist()))
+                if missing:
+                    feats_s = fill(*self._extract(student_forward, missing, "student"))
+                feats_t = self.teacher_features(images)
+                picked = select_bank(
+                    feats_s,
+                    feats_t,
+                    inst["cls"],
+                    num_classes,
+                    lambda xs, xt: select_prototypes(
+                        xs,
+                        xt,
                         g.NUM_PROTOTYPES,
                         g.ALPHA,
                         g.DENSITY_KERNEL,
                         g.DENSITY_QUANTILE,
                         g.EXCLUDE_PICKED,
-                    )
-                ]
-                device = distiller.protos_s.device
+                    ),
+                    model.device,
+                )
+                # the prototypes themselves from the current student (bank mode: the picks
+                # came from harvested features up to a period old)
+                rows = torch.cat([p for per_class in picked for p in per_class])
+                stale = rows[~current[rows]]
+                if len(stale):
+                    again = sorted(set(inst["image"][stale].tolist()))
+                    feats_s = fill(*self._extract(student_forward, again, "student"))
+        finally:
+            model.train(was_training)
+        device = distiller.protos_s.device
+        for c in range(num_classes):
+            for lvl in range(num_levels):
+                picks = picked[c][lvl]
                 distiller.set_bank(
                     lvl,
                     c,
@@ -292,17 +484,23 @@ class PrototypeRefresh(HookBase):
                     feats_t[lvl][picks].to(device),
                     index=picks,
                 )
-                picked[c].append(picks)
         distiller.bank_iter.fill_(iteration)
+        if self.harvest is not None:
+            self.harvest.reset(iteration)
         seconds = time.perf_counter() - start
+        empty = [c for c in range(num_classes) if not bool((inst["cls"] == c).any())]
         if empty:
             logger.warning(
                 f"PGM: classes {empty} have no instance larger than {g.MIN_BOX_SIZE} px: no "
                 "prototypes, their instances get r = 1 (unweighted knowledge)"
             )
+        counts = self.last_counts
         logger.info(
-            f"PGM refresh at iteration {iteration}: {len(inst['cls'])} instances in {len(images)} "
-            f"images ({len(shard)} on this rank), {seconds:.1f}s"
+            f"PGM refresh at iteration {iteration} ({self.mode}): {n} instances in "
+            f"{len(images)} images; this rank forwarded {counts['student_images']} images "
+            f"through the student and {counts['teacher_images']} through the teacher"
+            + (f", {counts['harvested']} instances harvested" if self.harvest else "")
+            + f"; {seconds:.1f}s"
         )
         self._put_summaries(seconds, picked)
 
@@ -333,7 +531,14 @@ class PrototypeRefresh(HookBase):
             "gkd/pgm_classes_without_prototypes": float(
                 sum(1 for p in picked if sum(len(x) for x in p) == 0)
             ),
+            "gkd/pgm_student_images": float(self.last_counts.get("student_images", 0)),
+            "gkd/pgm_teacher_images": float(self.last_counts.get("teacher_images", 0)),
         }
+        if self.harvest is not None and len(inst["cls"]):
+            scalars["gkd/pgm_harvested"] = self.last_counts.get("harvested", 0) / len(inst["cls"])
+            # sampled training images whose augmentation the harvest could not follow (e.g. a
+            # crop): the refresh extracts them
+            scalars["gkd/pgm_unplaced_images"] = float(self.last_counts.get("unplaced", 0))
         for c, name in enumerate(self.metric_class_names(num_classes)):
             scalars[f"gkd/pgm_instances/{name}"] = float(per_class[c])
             # distinct instances over all levels: one instance often represents several
@@ -342,8 +547,16 @@ class PrototypeRefresh(HookBase):
         self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
 
     def state_dict(self) -> dict:
-        return {} if self.instances is None else {"instances": self.instances}
+        ret = {} if self.instances is None else {"instances": self.instances}
+        if self.harvest is not None:  # merged over ranks in after_step, before the save
+            ret["harvest"] = self.harvest.state_dict()
+        return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "instances" in state_dict:
             self.instances = state_dict["instances"]
+        if "harvest" in state_dict:
+            if self.harvest is not None:
+                self.harvest.load_state_dict(state_dict["harvest"])
+            else:
+                self._harvest_state = state_dict["harvest"]

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from detectron2.config import CfgNode
@@ -142,6 +142,9 @@ class DistilledDetector:
         self.attenuation_schedule: tuple[int, int] | None = None
         # what detectron2's training forward hands over during one step (recording_step)
         self.current_step: StepRecord | None = None
+        # bank mode: called with each training forward's inputs, the features r is computed
+        # from and the inputs' sizes (the refresh hook's FeatureHarvest); None: nothing harvested
+        self.feature_harvest: Callable[[list[dict], dict[str, Tensor], list], None] | None = None
         # BN layers of the distilled path (the backbone, FPN included): in train mode they make
         # the training forward's features differ from the eval-mode ones the prototypes are
         # extracted with (PrototypeRefresh), so r needs an eval-mode pass (descriptor_features)
@@ -329,6 +332,15 @@ class DistilledDetector:
         finally:
             handle.remove()
             self.current_step = None
+
+    def harvest_features(
+        self, step: StepRecord, features: dict[str, Tensor], image_sizes: list[tuple[int, int]]
+    ) -> None:
+        """Hand the features r is computed from (the descriptor pass's, else the training
+        forward's ``features``) to :attr:`feature_harvest`, when one is set (bank mode)."""
+        if self.feature_harvest is not None:
+            descriptors = features if step.descriptors is None else step.descriptors
+            self.feature_harvest(step.batched_inputs, descriptors, image_sizes)
 
     def attenuation(self) -> float:
         """a(e) of the current iteration's epoch (1 without a schedule)."""

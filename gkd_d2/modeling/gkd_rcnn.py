@@ -156,6 +156,7 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
             forward_outputs(heads.box_predictor, lambda x: setattr(step, "predictions", x)),
         ):
             losses = super().forward(batched_inputs)
+        self.harvest_features(step, step.features, [p.image_size for p in step.proposals])
         losses.update(
             self.distillation_losses(
                 batched_inputs,

@@ -96,6 +96,7 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
         losses = super().forward_training(images, features, predictions, gt_instances)
         self.loss_normalizer_ema.fill_(self.loss_normalizer)
         step = self.current_step
+        self.harvest_features(step, dict(zip(self.head_in_features, features)), images.image_sizes)
         pred_logits = [permute_to_N_HWA_K(x, self.num_classes) for x in predictions[0]]
         losses.update(
             self.distillation_losses(
