@@ -62,6 +62,10 @@ def add_gkd_config(cfg: CN) -> CN:
     # epoch's training forwards, the prototypes selected on them, and only the picked
     # instances re-extracted in the test pipeline (docs/usage.md "Refresh modes")
     g.REFRESH_MODE = "full"
+    # bank mode: harvest horizontally flipped training inputs too (cheapest; their features are
+    # not the unflipped image's, so the picks move further from full mode's). False: flipped
+    # images are extracted at the refresh instead (about half the sample with RANDOM_FLIP)
+    g.BANK_HARVEST_FLIPPED = True
     # CUDA only: the refresh's extraction pass under autocast (fp16); picks can differ from fp32
     g.EXTRACT_AMP = False
     # the teacher's features of the sample, extracted once, kept in

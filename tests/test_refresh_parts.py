@@ -319,6 +319,10 @@ def test_placed_boxes_scaled_flipped_or_none():
     assert torch.equal(placed_boxes(boxes, (100, 200), (50, 100), gt), scaled)
     gt = torch.cat([flipped, other]).double()
     assert torch.equal(placed_boxes(boxes, (100, 200), (50, 100), gt), flipped)
+    # flipped inputs not harvested (BANK_HARVEST_FLIPPED False): the flipped image gives none,
+    # the unflipped one its placement
+    assert placed_boxes(boxes, (100, 200), (50, 100), gt, allow_flip=False) is None
+    assert torch.equal(placed_boxes(boxes, (100, 200), (50, 100), scaled, allow_flip=False), scaled)
     # within half a pixel matches, further does not
     assert placed_boxes(boxes, (100, 200), (50, 100), scaled + 0.4) is not None
     assert placed_boxes(boxes, (100, 200), (50, 100), scaled + 0.6) is None

@@ -5,8 +5,9 @@ When a training batch holds an image of the fixed sample, each of its sampled bo
 at every distilled level with the pooling r uses (``box_crop_mean``) on the features r is
 computed from (the training forward's, or the eval-mode descriptor pass's with train-mode BN).
 The box is placed by the batch's own resize and horizontal flip, read off the image's ground
-truth; an image whose ground truth matches neither (another augmentation, e.g. a crop) is left
-to the refresh, which extracts it as in full mode. Each rank harvests its own batches; the
+truth; an image whose ground truth matches neither (another augmentation, e.g. a crop), or a
+flipped one when flipped inputs are not harvested, is left to the refresh, which extracts it as
+in full mode. Each rank harvests its own batches; the
 rows are merged over ranks (latest iteration first, then lowest rank) before a checkpoint and
 at the refresh, so that every rank, and a resumed run, holds the same harvest.
 """
@@ -43,7 +44,11 @@ def latest_rows(rows: Tensor, iters: Tensor) -> Tensor:
 
 
 def placed_boxes(
-    boxes: Tensor, original_size: tuple[int, int], image_size: tuple[int, int], gt: Tensor
+    boxes: Tensor,
+    original_size: tuple[int, int],
+    image_size: tuple[int, int],
+    gt: Tensor,
+    allow_flip: bool = True,
 ) -> Tensor | None:
     """The sampled boxes of one image as they lie in its training input, or None.
 
@@ -56,12 +61,13 @@ def placed_boxes(
         boxes: (n, 4) XYXY in original pixels.
         original_size, image_size: (H, W) of the original image and of the input (unpadded).
         gt: (G, 4) the input's ground-truth boxes.
+        allow_flip: False: a flipped input gives None.
     """
     (h0, w0), (h, w) = original_size, image_size
     scaled = boxes * torch.tensor([w / w0, h / h0] * 2)
     flipped = torch.stack([w - scaled[:, 2], scaled[:, 1], w - scaled[:, 0], scaled[:, 3]], 1)
     limit = torch.tensor([w, h, w, h], dtype=scaled.dtype)
-    for placed in (scaled, flipped):
+    for placed in (scaled, flipped) if allow_flip else (scaled,):
         clipped = torch.minimum(placed.clamp(min=0), limit)
         if len(gt) and bool(
             ((clipped[:, None, :] - gt[None].to(clipped)).abs().amax(2) < MATCH_TOLERANCE_PX)
@@ -83,6 +89,8 @@ class FeatureHarvest:
         file_names: per dataset index, the image's ``file_name`` (how a training input is
             found in the sample).
         level_names, strides: the distilled levels.
+        harvest_flipped: also harvest horizontally flipped inputs (their features are not the
+            unflipped image's: bank mode's picks then move further from full mode's).
     """
 
     def __init__(
@@ -91,8 +99,10 @@ class FeatureHarvest:
         file_names: list[str],
         level_names: list[str],
         strides: list[int],
+        harvest_flipped: bool = True,
     ):
         self.instances = instances
+        self.harvest_flipped = harvest_flipped
         self.level_names, self.strides = list(level_names), list(strides)
         order = torch.argsort(instances["image"], stable=True)
         images, counts = torch.unique_consecutive(instances["image"][order], return_counts=True)
@@ -129,7 +139,11 @@ class FeatureHarvest:
             gt = x["instances"].gt_boxes.tensor if "instances" in x else torch.zeros(0, 4)
             h, w = image_sizes[j]
             placed = placed_boxes(
-                self.instances["box"][sel], (x.get("height", h), x.get("width", w)), (h, w), gt
+                self.instances["box"][sel],
+                (x.get("height", h), x.get("width", w)),
+                (h, w),
+                gt,
+                self.harvest_flipped,
             )
             if placed is None:
                 self._unplaced_local += 1

@@ -237,8 +237,9 @@ class PrototypeRefresh(HookBase):
     ``gkd/pgm_classes_without_prototypes``, ``gkd/pgm_student_images`` and
     ``gkd/pgm_teacher_images`` (forwarded by this process), in bank mode
     ``gkd/pgm_harvested`` (the share of the sample's instances harvested) and
-    ``gkd/pgm_unplaced_images`` (sampled training images whose augmentation the harvest could
-    not follow, extracted instead) and, per class
+    ``gkd/pgm_unplaced_images`` (sampled training images not harvested: flipped ones unless
+    MODEL.GKD.BANK_HARVEST_FLIPPED, or an augmentation the harvest cannot follow; extracted
+    instead) and, per class
     (``thing_classes`` of the first training set, else the index), ``gkd/pgm_instances/<class>``
     (its instances in the sample) and ``gkd/pgm_picks/<class>`` (its distinct instances picked
     as prototypes, all levels).
@@ -307,6 +308,7 @@ class PrototypeRefresh(HookBase):
             [d.get("file_name", str(i)) for i, d in enumerate(self.dataset_dicts)],
             list(model.distill_in_features),
             model.distiller.strides,
+            self.cfg.MODEL.GKD.BANK_HARVEST_FLIPPED,
         )
         if self._harvest_state is not None:
             self.harvest.load_state_dict(self._harvest_state)
@@ -536,8 +538,8 @@ class PrototypeRefresh(HookBase):
         }
         if self.harvest is not None and len(inst["cls"]):
             scalars["gkd/pgm_harvested"] = self.last_counts.get("harvested", 0) / len(inst["cls"])
-            # sampled training images whose augmentation the harvest could not follow (e.g. a
-            # crop): the refresh extracts them
+            # sampled training images not harvested (flipped ones unless BANK_HARVEST_FLIPPED,
+            # an augmentation the harvest cannot follow such as a crop): the refresh extracts them
             scalars["gkd/pgm_unplaced_images"] = float(self.last_counts.get("unplaced", 0))
         for c, name in enumerate(self.metric_class_names(num_classes)):
             scalars[f"gkd/pgm_instances/{name}"] = float(per_class[c])
