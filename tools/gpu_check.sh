@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# What no CPU can check, in one run on a lent CUDA machine (about 8 minutes on one H200):
+# What no CPU can check, in one run on a lent CUDA machine (about 8 minutes on one H200 before
+# step 5; step 5 adds about 2-3 minutes):
 #   1. detectron2 main built with its CUDA ops from the carried snapshot (tools/install_detectron2.py);
 #   2. the CUDA tests (tests/test_gpu.py: both detectors, fp32 and AMP) and the install tests;
 #   3. train_net.py --num-gpus 1 on CUDA, a short GKD run, with and without AMP, plus an NCCL
 #      all-reduce (with one GPU detectron2's launch runs in-process, so NCCL is checked apart);
 #   4. the step ratio at a COCO-like size: R101 -> R50 at 800 px, random weights, both detectors
-#      (python -m benchmarks.bench_step --device cuda).
+#      (python -m benchmarks.bench_step --device cuda);
+#   5. the prototype refresh at COCO size on CUDA, full and bank mode side by side, both paper
+#      configs, and its extraction under autocast against fp32 (picks kept, r)
+#      (python -m benchmarks.bench_refresh --stand-in-data --coco-projection --amp-compare, small
+#      step counts; the gloo selection comparison is CPU-only and skipped here).
 # First, here: bash tools/gpu_prepare.sh (fills .gpu/). There: bash tools/gpu_check.sh, with `.gpu`
 # carried. Figures and logs go to $OUT (default output/gpu_check): summary.txt and the JSONs.
 set -uo pipefail
@@ -67,5 +72,33 @@ for det in retinanet faster_rcnn; do
         --size 800 --teacher-depth 101 --student-depth 50 --json "$OUT/step_gpu_${det}_800.json"
 done
 grep -h '"ratio' "$OUT"/step_gpu_*.json >>"$OUT/summary.txt" 2>/dev/null
+for det in retinanet faster_rcnn; do
+    config=configs/gkd.yaml
+    [ "$det" = faster_rcnn ] && config=configs/gkd_faster_rcnn.yaml
+    step "refresh_${det}_coco" "$PY" -m benchmarks.bench_refresh --config "$config" \
+        --stand-in-data --steps 3 --bank-steps 2 --harvest-blocks 3 --harvest-block-steps 2 \
+        --worker-rounds 1 --selection-processes 0 --amp-compare --coco-projection \
+        --json "$OUT/refresh_gpu_${det}.json" SOLVER.IMS_PER_BATCH 2 MODEL.DEVICE cuda
+done
+for f in "$OUT"/refresh_gpu_*.json; do  # the share figures, one line per detector
+    [ -f "$f" ] || continue
+    "$PY" - "$f" >>"$OUT/summary.txt" 2>&1 <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+b, h, p = r["bank"], r["harvest_cost"], r["coco_projection"]["shares"][0]
+a = r.get("autocast", {})
+print(
+    f"refresh {r['config']}: later refresh / period full {r['second_refresh_share_of_period']}"
+    f" bank {b['second_refresh_share_of_period']} (student images {r['second_student_images']}"
+    f" vs {b['second_student_images']}); harvest step ratio {h['ratio']}, harvest calls"
+    f" {b.get('harvest_call_ms_per_step')} ms/step; COCO epoch share at"
+    f" 800/class: full first {p['first_refresh_share']} later {p['later_refresh_share']}"
+    f" (unsharded selection {p['later_refresh_share_unsharded_selection']}), bank later"
+    f" {p['bank_later_refresh_share']} (+harvest {p.get('bank_later_refresh_share_plus_harvest')})"
+    f"; autocast vs fp32: picks kept {a.get('pick_overlap', {}).get('overall')}, mean |dr|"
+    f" {a.get('r', {}).get('mean_abs_delta_r')}, s {a.get('autocast_refresh_s')} vs {a.get('fp32_refresh_s')}"
+)
+PY
+done
 cat "$OUT/summary.txt"
 exit $failed
