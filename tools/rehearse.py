@@ -233,7 +233,8 @@ def rehearse(config: str, output: Path) -> dict:
         str(train_dir),
     )
     refreshes = re.findall(
-        r"PGM refresh at iteration (\d+): (\d+) instances in (\d+) images .*?, ([\d.]+)s", text
+        r"PGM refresh at iteration (\d+) \(\w+\): (\d+) instances in (\d+) images.*?; ([\d.]+)s",
+        text,
     )
     summary["teacher_check"] = parse_teacher_check(text)
     summary["refreshes"] = [
@@ -290,16 +291,24 @@ def rehearse(config: str, output: Path) -> dict:
             f"{FIRST_RUN_ITERS}: {started.group(0) if started else 'no start line'}",
             output / "resume.log",
         )
-    resumed = re.findall(r"PGM refresh at iteration (\d+)", text)
+    resumed = re.findall(r"PGM refresh at iteration (\d+) .*? and (\d+) through the teacher", text)
     summary["resume"] = {
         "started_at": int(started.group(1)),
-        "refreshes": [int(i) for i in resumed],
+        "refreshes": [int(i) for i, _ in resumed],
     }
-    if resumed != ["4"]:
+    if [i for i, _ in resumed] != ["4"]:
         raise fail(
             "resume",
             config,
             f"refreshes at {resumed} after resuming, expected at 4",
+            output / "resume.log",
+        )
+    if resumed[0][1] != "0":  # the teacher's features come from OUTPUT_DIR's cache
+        raise fail(
+            "resume",
+            config,
+            f"the refresh after resuming forwarded {resumed[0][1]} images through the teacher, "
+            "expected 0 (its features cached in OUTPUT_DIR/gkd_teacher_features.pth)",
             output / "resume.log",
         )
 
