@@ -209,6 +209,27 @@ def select_bank(
     return [[solved[c * num_levels + lvl] for lvl in range(num_levels)] for c in range(num_classes)]
 
 
+class SampleFeatures:
+    """One model's features of the whole instance sample, filled in parts: ``levels`` (per
+    level, (N, C) float32), ``have`` (N,) rows filled, ``current`` (N,) rows extracted in this
+    refresh (with the model as it is now)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.levels: list[Tensor] | None = None
+        self.have = torch.zeros(n, dtype=torch.bool)
+        self.current = torch.zeros(n, dtype=torch.bool)
+
+    def fill(self, ids: Tensor, feats: list[Tensor], current: bool = True) -> None:
+        """Rows ``ids`` (m,) get ``feats`` (per level, (m, C))."""
+        if self.levels is None:
+            self.levels = [torch.zeros(self.n, f.shape[1]) for f in feats]
+        for table, f in zip(self.levels, feats):
+            table[ids] = f
+        self.have[ids] = True
+        self.current[ids] = current
+
+
 class PrototypeRefresh(HookBase):
     """Refresh the prototype bank before iteration 0 and then every ``period`` iterations.
 
@@ -378,13 +399,25 @@ class PrototypeRefresh(HookBase):
         ids, feats = self._extract(self.student().teacher.features, images, "teacher")
         if sorted(ids.tolist()) != list(range(n)):
             raise RuntimeError(f"PGM: gathered {len(ids)} teacher instance features, expected {n}")
-        table = [torch.zeros(n, f.shape[1]) for f in feats]
-        for t, f in zip(table, feats):
-            t[ids] = f
+        table = SampleFeatures(n)
+        table.fill(ids, feats)
         if comm.is_main_process():
-            self.teacher_cache.save(key, table)
-        self._teacher_features = table
-        return table
+            self.teacher_cache.save(key, table.levels)
+        self._teacher_features = table.levels
+        return table.levels
+
+    def _harvested_rows(self, bank_iter: int) -> tuple[Tensor, list[Tensor]] | None:
+        """Bank mode: the rows every rank harvested since the refresh of the bank in use
+        (merged: collective), or None."""
+        if self.harvest is None:
+            return None
+        self.harvest.merge()
+        rows, feats = self.harvest.rows()
+        self.last_counts["unplaced"] = self.harvest.unplaced
+        if self.harvest.since != bank_iter or len(rows) == 0:
+            return None
+        self.last_counts["harvested"] = len(rows)
+        return rows, feats
 
     def refresh(self, iteration: int) -> None:
         g = self.cfg.MODEL.GKD
@@ -420,38 +453,21 @@ class PrototypeRefresh(HookBase):
 
         # the student's features of the whole sample: harvested rows (bank mode, since the
         # bank now in use), the rest extracted in the test pipeline
-        feats_s: list[Tensor] | None = None
-        have = torch.zeros(n, dtype=torch.bool)
-        current = torch.zeros(n, dtype=torch.bool)  # extracted now, with the current student
-        if self.harvest is not None:
-            self.harvest.merge()
-            rows, harvested = self.harvest.rows()
-            self.last_counts["unplaced"] = self.harvest.unplaced
-            if self.harvest.since == int(distiller.bank_iter) and len(rows):
-                feats_s = [torch.zeros(n, f.shape[1]) for f in harvested]
-                for t, f in zip(feats_s, harvested):
-                    t[rows] = f
-                have[rows] = True
-                self.last_counts["harvested"] = len(rows)
-
-        def fill(ids: Tensor, feats: list[Tensor]) -> list[Tensor]:
-            table = feats_s or [torch.zeros(n, f.shape[1]) for f in feats]
-            for t, f in zip(table, feats):
-                t[ids] = f
-            have[ids] = True
-            current[ids] = True
-            return table
+        student = SampleFeatures(n)
+        harvested = self._harvested_rows(int(distiller.bank_iter))
+        if harvested is not None:
+            student.fill(*harvested, current=False)
 
         was_training = model.training
         model.eval()
         try:
             with preserved_rng():
-                missing = sorted(set(inst["image"][~have].tolist()))
+                missing = sorted(set(inst["image"][~student.have].tolist()))
                 if missing:
-                    feats_s = fill(*self._extract(student_forward, missing, "student"))
+                    student.fill(*self._extract(student_forward, missing, "student"))
                 feats_t = self.teacher_features(images)
                 picked = select_bank(
-                    feats_s,
+                    student.levels,
                     feats_t,
                     inst["cls"],
                     num_classes,
@@ -469,10 +485,10 @@ class PrototypeRefresh(HookBase):
                 # the prototypes themselves from the current student (bank mode: the picks
                 # came from harvested features up to a period old)
                 rows = torch.cat([p for per_class in picked for p in per_class])
-                stale = rows[~current[rows]]
+                stale = rows[~student.current[rows]]
                 if len(stale):
                     again = sorted(set(inst["image"][stale].tolist()))
-                    feats_s = fill(*self._extract(student_forward, again, "student"))
+                    student.fill(*self._extract(student_forward, again, "student"))
         finally:
             model.train(was_training)
         device = distiller.protos_s.device
@@ -482,7 +498,7 @@ class PrototypeRefresh(HookBase):
                 distiller.set_bank(
                     lvl,
                     c,
-                    feats_s[lvl][picks].to(device),
+                    student.levels[lvl][picks].to(device),
                     feats_t[lvl][picks].to(device),
                     index=picks,
                 )
