@@ -43,6 +43,31 @@ def latest_rows(rows: Tensor, iters: Tensor) -> Tensor:
     return order[first]
 
 
+def rows_by_image(image: Tensor) -> dict[int, Tensor]:
+    """The sample's rows of each image, grouped once (a scan of all instances per image would
+    be O(images x N)).
+
+    Args:
+        image: (N,) int64 dataset index of each sampled instance.
+
+    Returns:
+        dataset index -> (n_i,) int64 rows, in sample order.
+    """
+    order = torch.argsort(image, stable=True)
+    images, counts = torch.unique_consecutive(image[order], return_counts=True)
+    return dict(zip(images.tolist(), order.split(counts.tolist())))
+
+
+def boxes_in_input(
+    boxes: Tensor, original_size: tuple[int, int], image_size: tuple[int, int]
+) -> Tensor:
+    """(n, 4) XYXY boxes of an original (H, W) image scaled to its resized input's (H, W), as
+    the test-time resize places them: one computation for the refresh and the harvest, so that
+    a harvested box is the extracted one to the bit."""
+    (h0, w0), (h, w) = original_size, image_size
+    return boxes * torch.tensor([w / w0, h / h0] * 2)
+
+
 def placed_boxes(
     boxes: Tensor,
     original_size: tuple[int, int],
@@ -63,8 +88,8 @@ def placed_boxes(
         gt: (G, 4) the input's ground-truth boxes.
         allow_flip: False: a flipped input gives None.
     """
-    (h0, w0), (h, w) = original_size, image_size
-    scaled = boxes * torch.tensor([w / w0, h / h0] * 2)
+    h, w = image_size
+    scaled = boxes_in_input(boxes, original_size, image_size)
     flipped = torch.stack([w - scaled[:, 2], scaled[:, 1], w - scaled[:, 0], scaled[:, 3]], 1)
     limit = torch.tensor([w, h, w, h], dtype=scaled.dtype)
     for placed in (scaled, flipped) if allow_flip else (scaled,):
@@ -104,10 +129,8 @@ class FeatureHarvest:
         self.instances = instances
         self.harvest_flipped = harvest_flipped
         self.level_names, self.strides = list(level_names), list(strides)
-        order = torch.argsort(instances["image"], stable=True)
-        images, counts = torch.unique_consecutive(instances["image"][order], return_counts=True)
         self.rows_of = {
-            file_names[i]: rows for i, rows in zip(images.tolist(), order.split(counts.tolist()))
+            file_names[i]: rows for i, rows in rows_by_image(instances["image"]).items()
         }
         # the refresh this harvest follows; sampled images seen whose boxes could not be placed
         self.reset(-1)

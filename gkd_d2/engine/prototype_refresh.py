@@ -22,7 +22,7 @@ from detectron2.utils import comm
 from torch import Tensor
 
 from ..distill import box_crop_mean, select_prototypes
-from .feature_harvest import FeatureHarvest
+from .feature_harvest import FeatureHarvest, boxes_in_input, rows_by_image
 from .refresh_inputs import Batch, refresh_batches
 from .rng import preserved_rng
 from .schedule import refresh_period, train_dataset_dicts
@@ -107,10 +107,7 @@ def extract_instance_features(
         ids: (n,) int64 row indices into ``instances`` of the instances covered;
         feats: per level, (n, C) float32 CPU tensors, rows in the order of ``ids``.
     """
-    # rows of each image, grouped once (a scan of all instances per image is O(images x N))
-    order = torch.argsort(instances["image"], stable=True)
-    images_sorted, counts = torch.unique_consecutive(instances["image"][order], return_counts=True)
-    rows_of = dict(zip(images_sorted.tolist(), order.split(counts.tolist())))
+    rows_of = rows_by_image(instances["image"])
     ids_out: list[Tensor] = []
     feats_out: list[list[Tensor]] = [[] for _ in level_names]
     start, last_log, done = time.perf_counter(), time.perf_counter(), 0
@@ -121,9 +118,8 @@ def extract_instance_features(
         boxes, batch_idx, rows = [], [], []
         for j, (i, inp) in enumerate(batch):
             sel = rows_of[i]
-            h, w = images.image_sizes[j]
-            scale = torch.tensor([w / inp["width"], h / inp["height"]] * 2)
-            boxes.append(instances["box"][sel] * scale)
+            original = (inp["height"], inp["width"])
+            boxes.append(boxes_in_input(instances["box"][sel], original, images.image_sizes[j]))
             batch_idx.append(torch.full((len(sel),), j, dtype=torch.long))
             rows.append(sel)
         device = feats[level_names[0]].device
@@ -336,12 +332,12 @@ class PrototypeRefresh(HookBase):
             self._harvest_state = None
         model.feature_harvest = self.harvest
 
-    def _batches(self, images: list[int]) -> Iterable[Batch]:
-        """This rank's share of ``images`` (dataset indices), loaded in batches."""
+    def _batches(self, shard: list[int]) -> Iterable[Batch]:
+        """The images ``shard`` (dataset indices), loaded in batches."""
         cfg = self.cfg
         return refresh_batches(
             self.dataset_dicts,
-            images[comm.get_rank() :: comm.get_world_size()],
+            shard,
             self._mapper,
             cfg.MODEL.GKD.EXTRACT_BATCH_SIZE,
             cfg.DATALOADER.NUM_WORKERS,
@@ -353,20 +349,24 @@ class PrototypeRefresh(HookBase):
     def _extract(self, forward: FeatureFn, images: list[int], label: str) -> tuple:
         """Features of the sampled instances in ``images``, from every rank (gathered)."""
         model = self.student()
-        autocast = bool(self.cfg.MODEL.GKD.EXTRACT_AMP) and model.device.type == "cuda"
-        share = len(images[comm.get_rank() :: comm.get_world_size()])
-        self.last_counts[f"{label}_images"] = self.last_counts.get(f"{label}_images", 0) + share
+        shard = images[comm.get_rank() :: comm.get_world_size()]
+        key = f"{label}_images"
+        self.last_counts[key] = self.last_counts.get(key, 0) + len(shard)
         ids, feats = extract_instance_features(
             forward,
-            self._batches(images),
+            self._batches(shard),
             self.instances,
             list(model.distill_in_features),
             model.distiller.strides,
             label,
-            share,
-            autocast,
+            len(shard),
+            self._extract_autocast(),
         )
         return gather_features(ids, feats)
+
+    def _extract_autocast(self) -> bool:
+        """Whether the extraction runs under autocast: MODEL.GKD.EXTRACT_AMP, on CUDA only."""
+        return bool(self.cfg.MODEL.GKD.EXTRACT_AMP) and self.student().device.type == "cuda"
 
     def _teacher_key(self) -> dict:
         model, cfg, inst = self.student(), self.cfg, self.instances
@@ -382,7 +382,7 @@ class PrototypeRefresh(HookBase):
             },
             list(model.distill_in_features),
             model.distiller.strides,
-            bool(cfg.MODEL.GKD.EXTRACT_AMP) and model.device.type == "cuda",
+            self._extract_autocast(),
         )
 
     def teacher_features(self, images: list[int]) -> list[Tensor]:
