@@ -111,6 +111,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cfg_with(cfg, key: str, value):
+    """A frozen copy of ``cfg`` with one key set (the hooks read their cfg at call time)."""
+    c = cfg.clone()
+    c.defrost()
+    c.merge_from_list([key, value])
+    c.freeze()
+    return c
+
+
+def timed_refresh(hook, iteration: int) -> float:
+    """Seconds of ``hook.refresh(iteration)``, the device's queued work included."""
+    device = hook.student().device
+    _sync(device)
+    start = time.perf_counter()
+    hook.refresh(iteration)
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/quickstart_gkd_retinanet_cpu.yaml")
@@ -205,13 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         counts["teacher"] += len(inputs)
         return teacher_features(inputs)
 
-    def timed_refresh(h, it: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        h.refresh(it)
-        _sync(device)
-        return time.perf_counter() - start
-
     def timed_steps(n: int) -> float:
         """Seconds per step of ``n`` training steps."""
         _sync(device)
@@ -264,11 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         step = timed_steps(ns.steps)
         result["train_step_s"] = round(step, 4)
         # ---- bank mode on the same model: first refresh, harvested steps, later refresh
-        bank_cfg = cfg.clone()
-        bank_cfg.defrost()
-        bank_cfg.MODEL.GKD.REFRESH_MODE = "bank"
-        bank_cfg.freeze()
-        bank_hook = PrototypeRefresh(bank_cfg, hook.student())
+        bank_hook = PrototypeRefresh(
+            cfg_with(cfg, "MODEL.GKD.REFRESH_MODE", "bank"), hook.student()
+        )
         bank_hook.trainer = hook.trainer
         bank_hook.instances = hook.instances  # the same sample (same seed) and teacher
         bank_hook._teacher_features = hook.teacher_features(sorted(set(inst["image"].tolist())))
@@ -343,28 +353,17 @@ def main(argv: list[str] | None = None) -> int:
 def compare_workers(hook, cfg, workers: int, rounds: int, iteration: int) -> dict:
     """The full hook's later refresh with DATALOADER.NUM_WORKERS 0 and ``workers``, alternated
     ``rounds`` times (the hook reads ``hook.cfg`` at call time); the banks must be equal."""
-    configs = {}
-    for n in (0, workers):
-        c = cfg.clone()
-        c.defrost()
-        c.DATALOADER.NUM_WORKERS = n
-        c.freeze()
-        configs[n] = c
+    configs = {n: cfg_with(cfg, "DATALOADER.NUM_WORKERS", n) for n in (0, workers)}
     seconds: dict[int, list[float]] = {0: [], workers: []}
     banks: dict[int, tuple] = {}
     images: dict[int, int] = {}
     distiller = hook.student().distiller
-    device = distiller.protos_s.device
     original = hook.cfg
     try:
         for r in range(rounds):
             for n in (0, workers) if r % 2 == 0 else (workers, 0):
                 hook.cfg = configs[n]
-                _sync(device)
-                start = time.perf_counter()
-                hook.refresh(iteration)
-                _sync(device)
-                seconds[n].append(time.perf_counter() - start)
+                seconds[n].append(timed_refresh(hook, iteration))
                 banks[n] = (distiller.protos_s.clone(), distiller.protos_t.clone())
                 images[n] = hook.last_counts["student_images"]
     finally:
@@ -400,17 +399,9 @@ def compare_autocast(hook, cfg, iteration: int) -> dict:
     banks, seconds, original = {}, {}, hook.cfg
     try:
         for amp in (False, True):
-            c = cfg.clone()
-            c.defrost()
-            c.MODEL.GKD.EXTRACT_AMP = amp
-            c.freeze()
-            hook.cfg = c
+            hook.cfg = cfg_with(cfg, "MODEL.GKD.EXTRACT_AMP", amp)
             hook.forget_teacher_features()
-            _sync(model.device)
-            start = time.perf_counter()
-            hook.refresh(iteration)
-            _sync(model.device)
-            seconds[amp] = round(time.perf_counter() - start, 3)
+            seconds[amp] = round(timed_refresh(hook, iteration), 3)
             banks[amp] = {k: getattr(distiller, k).clone() for k in keys}
     finally:
         hook.cfg = original
