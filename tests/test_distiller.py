@@ -339,6 +339,20 @@ def test_logged_effects_sizes_and_instance_record_by_hand():
     assert set(base_stats) == {"gkd/num_instances"}
 
 
+def test_r_by_size_leaves_out_instances_without_ground_truth():
+    """An instance whose ground truth was not found (row -1) is in no size group: it neither
+    takes the last ground truth's area nor counts towards any mean."""
+    from gkd_d2.modeling.distiller import _r_by_size
+
+    r = torch.tensor([0.2, 0.9, 0.4, 0.6])
+    instance_gt = torch.tensor([0, -1, 1, -1])
+    gt_areas = torch.tensor([10.0**2, 200.0**2])  # small, large: a -1 read as row -1 is large
+    stats = _r_by_size("gkd/r_mean", r, instance_gt, gt_areas)
+    assert stats == pytest.approx({"gkd/r_mean_small": 0.2, "gkd/r_mean_large": 0.4})
+    assert _r_by_size("gkd/r_mean", r, torch.full((4,), -1), gt_areas) == {}
+    assert _r_by_size("gkd/r_mean", r[:0], instance_gt[:0], gt_areas) == {}
+
+
 def test_fg_overlap_option_reaches_the_mask():
     """MODEL.GKD.FG_OVERLAP: the distiller's fg loss is the one of the mask built by the rule."""
     from gkd_d2.distill import decoupled_imitation_losses, foreground_mask

@@ -484,7 +484,7 @@ class GKDDistiller(nn.Module):
         if self.needs_prototypes:
             stats.update(_r_stats("gkd/r", r))
             if instance_gt is not None and gt_areas is not None:
-                stats.update(_r_by_size("gkd/r_mean", r, gt_areas[instance_gt]))
+                stats.update(_r_by_size("gkd/r_mean", r, instance_gt, gt_areas))
             if self.robust and N > 0:
                 # one transfer for both ratios
                 names = sorted(effects)
@@ -502,16 +502,27 @@ class GKDDistiller(nn.Module):
         return torch.randperm(n, generator=g).to(device)
 
 
-def _r_by_size(prefix: str, r: Tensor, areas: Tensor) -> dict[str, float]:
+def _r_by_size(prefix: str, r: Tensor, instance_gt: Tensor, gt_areas: Tensor) -> dict[str, float]:
     """Mean r of the instances of each COCO size group (by their ground truth's area in
-    original pixels), for the groups present: ``{prefix}_small`` etc."""
+    original pixels), for the groups present: ``{prefix}_small`` etc.
+
+    Args:
+        r: (N,) robustness weights.
+        instance_gt: (N,) int64 row of each instance's ground truth in ``gt_areas``; -1 (no
+            ground truth found) puts the instance in no group, rather than indexing from the end.
+        gt_areas: (G,) areas of the batch's ground truths.
+    """
     if len(r) == 0:
         return {}
+    known = instance_gt >= 0
+    areas = gt_areas.float()[instance_gt.clamp(min=0)] if len(gt_areas) else r.new_zeros(len(r))
     lows = r.new_tensor([lo for lo, _ in SIZE_GROUPS.values()])
-    group = (areas.float()[:, None] >= lows[None, :]).sum(dim=1) - 1  # (N,) 0 small .. 2 large
-    counts = torch.bincount(group, minlength=len(SIZE_GROUPS)).to(r.dtype)
-    sums = torch.zeros(len(SIZE_GROUPS), dtype=r.dtype, device=r.device).index_add_(0, group, r)
-    counts_l, sums_l = torch.stack([counts, sums]).tolist()  # one transfer
+    group = (areas[:, None] >= lows[None, :]).sum(dim=1) - 1  # (N,) 0 small .. 2 large
+    unknown = len(SIZE_GROUPS)  # an extra bin for instances without ground truth, then dropped
+    group = torch.where(known, group, torch.full_like(group, unknown))
+    counts = torch.bincount(group, minlength=unknown + 1).to(r.dtype)[:unknown]
+    sums = torch.zeros(unknown + 1, dtype=r.dtype, device=r.device).index_add_(0, group, r)
+    counts_l, sums_l = torch.stack([counts, sums[:unknown]]).tolist()  # one transfer
     return {f"{prefix}_{name}": s / c for name, c, s in zip(SIZE_GROUPS, counts_l, sums_l) if c > 0}
 
 
