@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# What no CPU can check, in one run on a lent CUDA machine (about 8 minutes on one H200 before
-# step 5; step 5 adds about 2-3 minutes):
-#   1. detectron2 main built with its CUDA ops from the carried snapshot (tools/install_detectron2.py);
+# What no CPU can check, in one run on a lent CUDA machine. It has not been run on a GPU yet, so
+# how long it takes is not known.
+#   1. detectron2 built with its CUDA ops from the carried source, .gpu/detectron2-src.tar.gz
+#      (tools/install_detectron2.py; tools/gpu_prepare.sh packed it: main at the pinned commit
+#      unless DETECTRON2_SOURCE said otherwise);
 #   2. the CUDA tests (tests/test_gpu.py: both detectors, fp32 and AMP) and the install tests;
 #   3. train_net.py --num-gpus 1 on CUDA, a short GKD run, with and without AMP, plus an NCCL
 #      all-reduce (with one GPU detectron2's launch runs in-process, so NCCL is checked apart);
