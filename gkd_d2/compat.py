@@ -17,8 +17,13 @@ from typing import Any
 import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
+from detectron2.modeling import poolers
+from detectron2.modeling.backbone import fpn
+from detectron2.modeling.meta_arch import dense_detector, retinanet
+from detectron2.structures import Boxes
 from detectron2.utils import comm
+from torch import Tensor, nn
 
 
 class FileReadingCheckpointer(DetectionCheckpointer):
@@ -85,6 +90,15 @@ def inner_trainer(trainer: DefaultTrainer) -> SimpleTrainer:
     return trainer._trainer
 
 
+def registered_hooks(trainer: TrainerBase) -> list[HookBase]:
+    """The hooks registered on ``trainer`` (``register_hooks``), in the order they run.
+
+    ``TrainerBase`` (0.6 and main) keeps them in its private ``_hooks`` list and has no public
+    way to read them back; the benchmarks find the trainer's own ``PrototypeRefresh`` there.
+    """
+    return trainer._hooks
+
+
 def train_sampler_seed(cfg: CfgNode) -> int:
     """The seed that detectron2's ``build_detection_train_loader(cfg)`` gives its
     ``TrainingSampler``, so that train_net.py's trainer samples the images that a plain
@@ -99,3 +113,69 @@ def train_sampler_seed(cfg: CfgNode) -> int:
     if "seed=cfg.SEED" in inspect.getsource(build._train_loader_from_config):
         return cfg.SEED
     return comm.shared_random_seed()
+
+
+def assign_boxes_to_levels(
+    box_lists: list[Boxes],
+    min_level: int,
+    max_level: int,
+    canonical_box_size: int,
+    canonical_level: int,
+) -> Tensor:
+    """The FPN level (0 for ``min_level``) that detectron2's ``ROIPooler`` pools each box of
+    ``box_lists`` from (the images' boxes in one column, in order): the pooler's own rule.
+
+    GKD takes the soft label r at the level each RoI was pooled from, so it needs the rule of
+    the pooler itself. ``detectron2.modeling.poolers`` exports only ``ROIPooler`` (its
+    ``__all__``, 0.6 and main), which computes the levels inside ``forward`` and does not
+    return them; the function it calls is not exported.
+    """
+    return poolers.assign_boxes_to_levels(
+        box_lists, min_level, max_level, canonical_box_size, canonical_level
+    )
+
+
+def permute_to_N_HWA_K(tensor: Tensor, K: int) -> Tensor:
+    """A dense head's (N, A*K, H, W) output as (N, H*W*A, K): the row order of detectron2's
+    anchors, in which RetinaNet labels them (``label_anchors``) and reads its predictions.
+
+    GKD reads the student's and the teacher's logits at the labelled anchors, so it needs
+    exactly this order. The function is defined in
+    ``detectron2.modeling.meta_arch.dense_detector`` (0.6 and main), which has no ``__all__``,
+    is not in detectron2's API documentation and is re-exported by no package.
+    """
+    return dense_detector.permute_to_N_HWA_K(tensor, K)
+
+
+def last_level_max_pool() -> nn.Module:
+    """detectron2's FPN top block that makes P6 by max-pooling P5 (``LastLevelMaxPool``), the one
+    its ``build_resnet_fpn_backbone`` (Faster R-CNN) passes.
+
+    ``FPN``'s ``top_block`` argument is public, but ``detectron2.modeling.backbone.fpn`` exports
+    only ``FPN`` and its two builders (``__all__``, 0.6 and main), not the top blocks the
+    builders pass; the builders take detectron2's fixed-width ResNet, so gkd_d2's narrow
+    backbones build their FPN themselves, with the same top blocks.
+    """
+    return fpn.LastLevelMaxPool()
+
+
+def last_level_p6p7(in_channels: int, out_channels: int, in_feature: str = "res5") -> nn.Module:
+    """detectron2's FPN top block that makes P6 and P7 by strided convs from ``in_feature``
+    (``LastLevelP6P7``), the one its ``build_retinanet_resnet_fpn_backbone`` passes.
+
+    Not exported, like :func:`last_level_max_pool` (``detectron2.modeling.backbone.fpn``'s
+    ``__all__``, 0.6 and main); the same reason.
+    """
+    return fpn.LastLevelP6P7(in_channels, out_channels, in_feature=in_feature)
+
+
+def retinanet_head(**kwargs: Any) -> nn.Module:
+    """detectron2's ``RetinaNetHead`` built from its ``@configurable`` arguments
+    (``input_shape``, ``num_classes``, ``num_anchors``, ``conv_dims``, ``norm``, ...).
+
+    ``RetinaNet`` builds its head from the config, and only a whole model can be built through
+    the public API; ``detectron2.modeling.meta_arch.retinanet`` exports only ``RetinaNet``
+    (``__all__``, 0.6 and main) and no package re-exports the head. The config check builds a
+    tiny head alone to ask the installed version whether GroupNorm heads work.
+    """
+    return retinanet.RetinaNetHead(**kwargs)

@@ -246,10 +246,11 @@ def retinanet_head_takes_gn() -> bool:
     fixed it. Checked by building a tiny head, so any detectron2 answers for itself.
     """
     from detectron2.layers import ShapeSpec
-    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    from .compat import retinanet_head
 
     try:
-        RetinaNetHead(
+        retinanet_head(
             input_shape=[ShapeSpec(channels=32)],
             num_classes=1,
             num_anchors=1,

@@ -13,9 +13,10 @@ from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone, ResNet
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 from torch import nn
+
+from ..compat import last_level_max_pool, last_level_p6p7
 
 BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 
@@ -62,11 +63,13 @@ def fpn_from_config(cfg: CfgNode, bottom_up: Backbone, top_block: nn.Module) -> 
 def build_retinanet_basic_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """Basic-block ResNet + FPN with P6/P7 from res5, as RetinaNet's P3..P7."""
     bottom_up = build_basic_resnet(cfg, input_shape)
-    top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS)
+    top_block = last_level_p6p7(
+        bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS
+    )
     return fpn_from_config(cfg, bottom_up, top_block)
 
 
 @BACKBONE_REGISTRY.register()
 def build_basic_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """Basic-block ResNet + FPN with P6 by max-pooling P5, as Faster R-CNN's P2..P6."""
-    return fpn_from_config(cfg, build_basic_resnet(cfg, input_shape), LastLevelMaxPool())
+    return fpn_from_config(cfg, build_basic_resnet(cfg, input_shape), last_level_max_pool())

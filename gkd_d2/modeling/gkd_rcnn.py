@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
-from detectron2.modeling.poolers import assign_boxes_to_levels
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from ..compat import assign_boxes_to_levels
 from ..distill import assign_levels
 from .distilled_detector import DistilledDetector, gt_areas_in_original, matched_gt_rows
 from .distiller import GKDDistiller

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
-from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from ..compat import permute_to_N_HWA_K
 from ..distill import assign_levels
 from .distilled_detector import DistilledDetector, gt_areas_in_original, matched_gt_rows
 from .distiller import GKDDistiller

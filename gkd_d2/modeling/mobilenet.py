@@ -45,9 +45,9 @@ from detectron2.config import CfgNode
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from torch import nn
 
+from ..compat import last_level_max_pool, last_level_p6p7
 from .backbone import fpn_from_config
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def build_mobilenetv2(cfg: CfgNode, input_shape: ShapeSpec) -> MobileNetV2Backbo
 def build_mobilenetv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """MobileNetV2 + FPN with P6 by max-pooling P5, as Faster R-CNN's P2..P6
     (``MODEL.FPN.IN_FEATURES ["mb2", "mb3", "mb4", "mb5"]``)."""
-    return fpn_from_config(cfg, build_mobilenetv2(cfg, input_shape), LastLevelMaxPool())
+    return fpn_from_config(cfg, build_mobilenetv2(cfg, input_shape), last_level_max_pool())
 
 
 @BACKBONE_REGISTRY.register()
@@ -259,5 +259,5 @@ def build_retinanet_mobilenetv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpe
     """MobileNetV2 + FPN with P6/P7 from P5 (not from the 1280-channel ``mb5``), as
     RetinaNet's P3..P7 (``MODEL.FPN.IN_FEATURES ["mb3", "mb4", "mb5"]``)."""
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    top_block = LastLevelP6P7(out_channels, out_channels, in_feature="p5")
+    top_block = last_level_p6p7(out_channels, out_channels, in_feature="p5")
     return fpn_from_config(cfg, build_mobilenetv2(cfg, input_shape), top_block)
