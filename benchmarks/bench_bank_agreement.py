@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from detectron2.data import DatasetCatalog
     from detectron2.utils.events import EventStorage
 
+    from gkd_d2.compat import registered_hooks
     from gkd_d2.config import load_config
     from gkd_d2.engine import PrototypeRefresh, Trainer, setup_cfg
     from gkd_d2.engine.schedule import epoch_length
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train()  # a full refresh at 0, then the epoch harvested
     train_s = time.perf_counter() - start
     model = trainer.model
-    bank_hook = next(h for h in trainer._hooks if isinstance(h, PrototypeRefresh))
+    bank_hook = next(h for h in registered_hooks(trainer) if isinstance(h, PrototypeRefresh))
     full_cfg = cfg.clone()
     full_cfg.defrost()
     full_cfg.MODEL.GKD.REFRESH_MODE = "full"

@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from gkd_d2.compat import inner_trainer, registered_hooks
     from gkd_d2.config import load_config
     from gkd_d2.engine import PrototypeRefresh, Trainer, setup_cfg
     from gkd_d2.engine.schedule import refresh_period
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = setup_cfg(args)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)  # MODEL.WEIGHTS (the stand-in student), as train_net
-    (hook,) = [h for h in trainer._hooks if isinstance(h, PrototypeRefresh)]
+    (hook,) = [h for h in registered_hooks(trainer) if isinstance(h, PrototypeRefresh)]
     model = trainer.model
     device = torch.device(cfg.MODEL.DEVICE)
     counts = {"student": 0, "teacher": 0}
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.amp_compare:
             result["autocast"] = compare_autocast(hook, cfg, period)
         # ---- training steps (no harvest)
-        trainer._trainer.storage = storage
+        inner_trainer(trainer).storage = storage
         trainer.run_step()  # warm-up
         step = timed_steps(ns.steps)
         result["train_step_s"] = round(step, 4)
