@@ -184,9 +184,7 @@ def write_builtin_splits(
         RehearsalDataError: a name that is not a COCO-json or PASCAL VOC builtin split.
     """
     from detectron2.data import MetadataCatalog
-    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-    coco_things = [c for c in COCO_CATEGORIES if c["isthing"]]
     written = {}
     names = [(n, True) for n in train] + [(n, False) for n in test]
     per_train = -(-train_images // max(1, len(train)))
@@ -196,9 +194,9 @@ def write_builtin_splits(
         seed = 100 + k
         # only detectron2's own splits: never write into a dataset the user registered
         if name.startswith("coco_") and hasattr(meta, "json_file"):
+            # the COCO category records (id, name) from the split's public metadata
             ids = meta.thing_dataset_id_to_contiguous_id
-            by_id = {c["id"]: c for c in coco_things}
-            cats = [by_id[i] for i in sorted(ids, key=ids.get)]
+            cats = [{"id": i, "name": meta.thing_classes[ids[i]]} for i in sorted(ids, key=ids.get)]
             count = write_coco_split(
                 meta.json_file, meta.image_root, cats, n, per_image, seed, every_class=is_train
             )
