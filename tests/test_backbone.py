@@ -15,13 +15,54 @@ def quickstart_cfg(**resnets):
     return cfg
 
 
-def test_width_64_equals_detectron2_r18():
-    cfg = quickstart_cfg(DEPTH=18, RES2_OUT_CHANNELS=64, STEM_OUT_CHANNELS=64)
-    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
-    ref = build_backbone(cfg).state_dict()
-    cfg.MODEL.BACKBONE.NAME = "build_retinanet_basic_resnet_fpn_backbone"
-    ours = build_backbone(cfg).state_dict()
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+@pytest.mark.parametrize(
+    "ours, detectron2s, levels",
+    [
+        (
+            "build_retinanet_basic_resnet_fpn_backbone",
+            "build_retinanet_resnet_fpn_backbone",
+            ["res3", "res4", "res5"],
+        ),
+        (
+            "build_basic_resnet_fpn_backbone",
+            "build_resnet_fpn_backbone",
+            ["res2", "res3", "res4", "res5"],
+        ),
+    ],
+)
+def test_width_64_is_detectron2s_r18_fpn_same_state_and_outputs(ours, detectron2s, levels):
+    """At R18's own widths (stem and res2 64), gkd_d2's builder makes the ResNet-18-FPN that
+    detectron2's own builder makes from the same config: the same state-dict keys and shapes,
+    the same frozen parameters (FREEZE_AT 2), and, with the same weights loaded into both
+    (random, BN statistics included), the same output at every level."""
+    cfg = quickstart_cfg(DEPTH=18, RES2_OUT_CHANNELS=64, STEM_OUT_CHANNELS=64, OUT_FEATURES=levels)
+    cfg.MODEL.FPN.IN_FEATURES = levels
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2
+    cfg.MODEL.BACKBONE.NAME = detectron2s
+    ref = build_backbone(cfg).eval()
+    cfg.MODEL.BACKBONE.NAME = ours
+    mine = build_backbone(cfg).eval()
+
+    state = ref.state_dict()
+    assert {k: v.shape for k, v in mine.state_dict().items()} == {
+        k: v.shape for k, v in state.items()
+    }
+    assert {n: p.requires_grad for n, p in mine.named_parameters()} == {
+        n: p.requires_grad for n, p in ref.named_parameters()
+    }
+    g = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if v.is_floating_point():  # move every weight and statistic off its initial value
+            noise = 0.1 * torch.randn(v.shape, generator=g)
+            state[k] = (v + noise).abs() if k.endswith("running_var") else v + noise
+    ref.load_state_dict(state)
+    mine.load_state_dict(state)
+    x = torch.rand(2, 3, 96, 128, generator=g)
+    with torch.no_grad():
+        expected, got = ref(x), mine(x)
+    assert list(got) == list(expected)
+    for level in expected:
+        torch.testing.assert_close(got[level], expected[level], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("depth", [18, 34])
