@@ -83,7 +83,9 @@ def test_distils_p2_to_p6_with_mean_reduction_and_logs(tmp_path, teacher_weights
     assert model.distiller.level_reduction == "mean"  # "auto": official two-stage choice
     assert model.box_level_index.tolist() == [0, 1, 2, 3]  # pooler P2-P5
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    trainer.train()
+    records = []
+    with model.distiller.recording_instances(records.append):
+        trainer.train()
     after = teacher.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in teacher.model.parameters())
@@ -99,7 +101,11 @@ def test_distils_p2_to_p6_with_mean_reduction_and_logs(tmp_path, teacher_weights
     history = trainer.storage.histories()
     for key in ("loss_gkd_fg", "loss_gkd_bg", "loss_gkd_soft", "gkd/r_mean", "gkd/r_soft_mean"):
         assert key in history, key
-    assert 0.0 <= history["gkd/r_soft_min"].latest() <= history["gkd/r_soft_mean"].latest() <= 1
+    # the logged soft-label r is that of the last iteration's RoIs
+    soft_r = records[-1].soft_r.float()
+    assert len(soft_r) > 0 and soft_r.min() < 1
+    assert history["gkd/r_soft_mean"].latest() == pytest.approx(float(soft_r.mean()))
+    assert history["gkd/r_soft_min"].latest() == pytest.approx(float(soft_r.min()))
 
 
 def test_roi_rows_logits_and_soft_r_match_each_image_alone(tmp_path, teacher_weights):

@@ -77,8 +77,11 @@ def test_r_statistics_values():
 
 
 def test_losses_and_r_statistics_logged(tmp_path, teacher_weights):
+    """The logged r statistics are those of the r that weighted the last iteration's terms."""
     trainer = Trainer(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "2"))
-    trainer.train()
+    records = []
+    with trainer.model.distiller.recording_instances(records.append):
+        trainer.train()
     history = trainer.storage.histories()
     for key in (
         "loss_gkd_fg",
@@ -92,12 +95,18 @@ def test_losses_and_r_statistics_logged(tmp_path, teacher_weights):
         "gkd/refresh_seconds",
     ):
         assert key in history, key
-    r_mean = history["gkd/r_mean"].latest()
-    assert 0.0 <= history["gkd/r_min"].latest() <= r_mean <= 1.0
-    assert history["gkd/r_min"].latest() <= history["gkd/r_p10"].latest()
-    assert history["gkd/r_p10"].latest() <= history["gkd/r_median"].latest() <= 1.0
+    assert len(records) == 2  # one per iteration
+    r = records[-1].r.float()
+    assert len(r) > 0 and r.min() < 1  # an untrained student is not its random teacher
+    p10, median = torch.quantile(r, torch.tensor([0.1, 0.5])).tolist()
+    assert history["gkd/r_mean"].latest() == pytest.approx(float(r.mean()))
+    assert history["gkd/r_min"].latest() == pytest.approx(float(r.min()))
+    assert history["gkd/r_p10"].latest() == pytest.approx(p10)
+    assert history["gkd/r_median"].latest() == pytest.approx(median)
+    assert history["gkd/r_below_0.5"].latest() == pytest.approx(float((r < 0.5).float().mean()))
     counts = trainer.model.distiller.proto_counts
-    assert (counts > 0).all() and (counts <= 3).all()
+    # every (level, class) has prototypes, and where enough instances were sampled, all 3
+    assert (counts > 0).all() and counts.max() == 3
     assert int(trainer.model.distiller.bank_iter) == 0
 
 
@@ -328,27 +337,3 @@ def test_retinanet_head_with_gn(tmp_path, teacher_weights):
     assert all(
         torch.isfinite(torch.tensor(losses[k].latest())) for k in ("loss_cls", "loss_gkd_fg")
     )
-
-
-def test_trainer_leaves_detectron2_module_state_alone(tmp_path, teacher_weights):
-    """Building, resuming and training write nothing into detectron2's modules (the names in
-    detectron2.engine.defaults and train_loop stay detectron2's own)."""
-    from detectron2.engine import defaults, train_loop
-
-    before = {m.__name__: dict(vars(m)) for m in (defaults, train_loop)}
-    during = {}
-
-    class Spy(Trainer):
-        def build_hooks(self):  # runs inside the constructor, where a patch would be active
-            during.update(vars(defaults))
-            return super().build_hooks()
-
-    trainer = Spy(gkd_cfg(tmp_path, teacher_weights, "SOLVER.MAX_ITER", "1"))
-    in_init = [k for k, v in before[defaults.__name__].items() if during.get(k) is not v]
-    assert not in_init, in_init
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    for m in (defaults, train_loop):
-        after = vars(m)
-        changed = [k for k in before[m.__name__] if after.get(k) is not before[m.__name__][k]]
-        assert not changed, (m.__name__, changed)

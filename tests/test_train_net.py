@@ -138,6 +138,11 @@ def test_two_cpu_processes_end_with_identical_parameters(tmp_path, python):
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["threads"] == r1["threads"] == 1
     assert r0["ddp"] == r1["ddp"] == "DistributedDataParallel"
+    # DDP of a CPU module takes no device ids: detectron2's create_ddp_model was wrapped while
+    # DefaultTrainer's constructor ran, and detectron2's modules hold their own names again
+    assert r0["ddp_device_ids"] is None and r1["ddp_device_ids"] is None
+    assert r0["patch_in_init"] and r1["patch_in_init"]
+    assert r0["detectron2_changed"] == r1["detectron2_changed"] == []
     assert r0["final"].keys() == r1["final"].keys()
     changed = 0
     for k, v in r0["final"].items():
