@@ -143,10 +143,58 @@ def test_coco_evaluator_uses_the_fast_cocoeval(tmp_path):
 
 # ---- the installer: sources and patches --------------------------------------------------------
 def snapshot(name: str):
+    """The official snapshot ``name`` in the vendor folder beside the checkout (machines that
+    build from git have none: the same patches are tested on a v0.6-like tree below)."""
     path = inst.VENDOR / name
     if not path.is_file():
         pytest.skip(f"no local snapshot {name} on this machine")
     return path
+
+
+def v06_like_snapshot(folder) -> tuple:
+    """A .tar.gz of a small tree with what the patches look for in v0.6: the model zoo's
+    ``pkg_resources`` lines, 19 removed NumPy aliases and one ``Image.LINEAR``; and its sha256."""
+    root = folder / "detectron2-fake"
+    (root / "detectron2" / "layers" / "csrc").mkdir(parents=True)
+    (root / "detectron2" / "layers" / "csrc" / "vision.cpp").write_text("// ops\n")
+    (root / "setup.py").write_text("from setuptools import setup\n")
+    (root / "detectron2" / "utils").mkdir()
+    (root / "detectron2" / "utils" / "comm.py").write_text("def get_rank():\n    return 0\n")
+    (root / "detectron2" / "model_zoo").mkdir()
+    zoo = "import os\n" + "".join(old for old, _ in inst.ZOO_EDITS) + "\n"
+    (root / "detectron2" / "model_zoo" / "model_zoo.py").write_text(zoo)
+    aliases = ["np.int", "np.float", "np.str", "np.bool"] * 4 + ["np.int", "np.float", "np.bool"]
+    (root / "detectron2" / "old.py").write_text(
+        "import numpy as np\nfrom PIL import Image\n"
+        + "".join(f"x{i} = {a}(0)\n" for i, a in enumerate(aliases))
+        + "y = Image.LINEAR\nz = np.int64(0)  # not an alias\n"
+    )
+    path = folder / "detectron2-fake.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root, arcname=root.name)
+    return path, inst.sha256_of(path)
+
+
+def test_v06_like_snapshot_checked_and_patched(tmp_path, monkeypatch):
+    """The sha256 check of an unknown snapshot (DETECTRON2_SHA256), both patches and their
+    idempotence, on every machine."""
+    path, digest = v06_like_snapshot(tmp_path)
+    monkeypatch.setenv("DETECTRON2_SHA256", "0" * 64)
+    with pytest.raises(inst.PatchError, match=rf"{path}: sha256 {digest} does not match"):
+        inst.unpack_source(str(path), tmp_path / "refused")
+    monkeypatch.setenv("DETECTRON2_SHA256", digest)
+    tree, build_id, what = inst.unpack_source(str(path), tmp_path / "src")
+    assert build_id == "sha256-" + digest[:16] and what == "detectron2-fake.tar.gz (0.6)"
+    assert inst.patch_source_tree(tree) == [
+        "model_zoo without pkg_resources",
+        "NumPy/Pillow aliases",
+    ]
+    old = (tree / "detectron2" / "old.py").read_text()
+    assert "x0 = int(0)" in old and "x18 = bool(0)" in old and "z = np.int64(0)" in old
+    assert "y = Image.BILINEAR" in old and not inst.NP_ALIAS.search(old)
+    zoo = (tree / "detectron2" / "model_zoo" / "model_zoo.py").read_text()
+    assert "pkg_resources" not in zoo and inst.ZOO_EDITS[1][1] in zoo
+    assert inst.patch_source_tree(tree) == []  # a patched tree needs nothing more
 
 
 @pytest.mark.parametrize(
@@ -171,7 +219,10 @@ def test_source_snapshot_checked_and_patched(name, patched, tmp_path):
 def test_unexpected_tree_fails_loudly(tmp_path):
     """A v0.6-like tree with one more NumPy alias, or a model zoo written otherwise, is refused
     with the file and the difference named, never half-patched silently."""
-    tree, _, _ = inst.unpack_source(str(snapshot("detectron2-v0.6.tar.gz")), tmp_path)
+    path, digest = v06_like_snapshot(tmp_path)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DETECTRON2_SHA256", digest)
+        tree, _, _ = inst.unpack_source(str(path), tmp_path / "src")
     extra = tree / "detectron2" / "utils" / "extra.py"
     extra.write_text("import numpy as np\nx = np.float(1)\n")
     with pytest.raises(inst.PatchError, match="found 20 removed NumPy aliases"):
@@ -183,7 +234,6 @@ def test_unexpected_tree_fails_loudly(tmp_path):
 
 
 def test_damaged_snapshot_is_refused_by_name(tmp_path):
-    snapshot("detectron2-02b5c4e2.tar.gz")
     fake = tmp_path / "detectron2-02b5c4e2.tar.gz"
     with tarfile.open(fake, "w:gz") as tar:
         tar.add(REPO / "setup.cfg", arcname="detectron2-02b5c4e2/setup.cfg")
