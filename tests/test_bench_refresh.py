@@ -1,6 +1,7 @@
 """benchmarks/bench_refresh.py runs on the tiny config (tiny step counts): full and bank mode
 side by side, the harvest's step cost, serial vs worker input, sharded vs single-process
-selection, the autocast comparison (both arms fp32 on the CPU). Timings are not tested beyond
+selection, the autocast comparison (on the CPU both arms run fp32, so a known difference is put
+into the autocast arm's bank: the comparison must report it). Timings are not tested beyond
 being finite and positive."""
 
 import importlib
@@ -12,8 +13,17 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_refresh_benchmark_compares_full_and_bank_modes(tmp_path):
+def test_refresh_benchmark_compares_full_and_bank_modes(tmp_path, monkeypatch):
     bench = importlib.import_module("benchmarks.bench_refresh")
+    refresh = bench.timed_refresh
+
+    def refresh_with_known_autocast_difference(hook, iteration):
+        seconds = refresh(hook, iteration)
+        if hook.cfg.MODEL.GKD.EXTRACT_AMP:  # the autocast arm: every teacher prototype + 0.25
+            hook.student().distiller.protos_t.add_(0.25)
+        return seconds
+
+    monkeypatch.setattr(bench, "timed_refresh", refresh_with_known_autocast_difference)
     out = tmp_path / "refresh.json"
     args = [
         "--config",
@@ -76,8 +86,10 @@ def test_refresh_benchmark_compares_full_and_bank_modes(tmp_path):
     assert row["bank_images_per_gpu"] == 80 * r["levels"] * 3 / 8  # NUM_PROTOTYPES 3
     assert 0 < row["bank_later_refresh_share"] < row["later_refresh_share"]
     assert "bank_later_refresh_share_plus_harvest" in row
-    # the autocast comparison: on the CPU both arms are fp32, so it must find no difference
+    # the autocast comparison reports the difference put into its second arm: the same picks,
+    # prototypes 0.25 apart, and r moved
     a = r["autocast"]
     assert a["device"] == "cpu" and a["pick_overlap"]["overall"] == 1.0
-    assert a["max_abs_prototype_difference"] == 0.0 and a["r"]["mean_abs_delta_r"] == 0.0
-    assert a["r"]["boxes"] > 0 and positive(a["autocast_refresh_s"])
+    assert math.isclose(a["max_abs_prototype_difference"], 0.25, rel_tol=1e-5)
+    assert a["r"]["boxes"] > 0 and a["r"]["mean_abs_delta_r"] > 0.0
+    assert positive(a["autocast_refresh_s"])
