@@ -1,7 +1,10 @@
-"""The GKD distiller: prototype bank, adapters and the RDM losses, shared by all detectors.
+"""The GKD distiller: adapters and the RDM losses over the prototype bank, shared by all
+detectors.
 
 Detector-specific code only says which instances (boxes, classes, levels) and which logits;
-everything else happens here, through the pure functions of ``gkd_d2.distill``.
+everything else happens here, through the pure functions of ``gkd_d2.distill``. A forward
+computes its losses in one path (r, the instances' weights, each term); what it reports besides
+(statistics of r, the instance record) comes after, from ``distill_diagnostics``.
 """
 
 from __future__ import annotations
@@ -25,47 +28,44 @@ from ..distill import (
     robustness_weights,
     soft_label_kl,
 )
+from .distill_diagnostics import (
+    SIZE_GROUPS,
+    InstanceRecord,
+    WeightedTerms,
+    distillation_stats,
+    r_by_size,
+    r_effects,
+    r_stats,
+)
 from .extra_losses import DistillInputs, build_extra_losses
+from .prototype_bank import PrototypeBank
 
-# COCO's size groups of an instance, by the area of its ground truth in original pixels:
-# small < 32^2 <= medium < 96^2 <= large
-SIZE_GROUPS = {
-    "small": (0.0, 32.0**2),
-    "medium": (32.0**2, 96.0**2),
-    "large": (96.0**2, float("inf")),
-}
+# the diagnostics' names as tools and tests import them from this module
+__all__ = ["SIZE_GROUPS", "GKDDistiller", "InstanceBatch", "InstanceRecord"]
+_r_stats, _r_by_size = r_stats, r_by_size
 
 
 @dataclasses.dataclass
-class InstanceRecord:
-    """What one distiller forward weighted, instance by instance (for diagnostics: the r that
-    trained, :meth:`GKDDistiller.recording_instances`).
-
-    Rows are the forward's instances (positive anchors / positive proposals), image-major.
-    """
+class InstanceBatch:
+    """One batch's instances as a distiller forward weighs them (rows image-major, fp32)."""
 
     boxes: Tensor  # (N, 4) XYXY in input pixels
     batch_idx: Tensor  # (N,) image of each
     classes: Tensor  # (N,)
-    levels: Tensor  # (N,) level of each for the feature mask
-    r: Tensor  # (N,) r of the feature mask (1 without prototypes)
-    weights: Tensor  # (N,) the fg-mask weights: r, ones (local-only KD), or r shuffled
-    soft_r: Tensor | None  # (N,) r of the soft labels when it has its own descriptors
-    instance_gt: Tensor | None  # (N,) the matched ground truth's row in the batch, or None
-    map_shapes: list[tuple[int, int, int]]  # (B, H, W) of each level's maps
+    levels: Tensor  # (N,) assigned FPN level of each
+    student_logits: Tensor  # (N, K')
+    teacher_logits: Tensor  # (N, K')
+    # (N, C_S) student, (N, C_T) teacher descriptors and (N,) levels of the soft-label r, or None
+    soft_descriptors: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.boxes)
 
 
-class GKDDistiller(nn.Module):
-    """Per-level adapters (student -> teacher channels) and the prototype bank, as model state.
-
-    The bank is stored in fixed-shape buffers, so it lives in every checkpoint and loads
-    strictly: ``protos_s`` (L, K, M, C_S), ``protos_t`` (L, K, M, C_T) and ``proto_counts``
-    (L, K), the number of valid prototypes of each (level, class). ``proto_index`` (L, K, M)
-    int64 says which instance each prototype is: its row in the PGM instance sample (the
-    ``PrototypeRefresh`` hook's ``instances``, kept in the checkpoint's hook state), -1 for an
-    empty slot or an unknown instance (banks set without an index, checkpoints saved before
-    the index existed). ``bank_iter`` is the training iteration whose refresh produced the bank
-    (-1: none yet).
+class GKDDistiller(PrototypeBank):
+    """Per-level adapters (student -> teacher channels) and the RDM losses, over the prototype
+    bank it carries as model state (:class:`PrototypeBank`: its buffers, the PGM instance
+    sample, the refresh iteration).
     """
 
     def __init__(
@@ -92,13 +92,14 @@ class GKDDistiller(nn.Module):
         shuffle_seed: int = 0,
         fg_overlap: str = "max",
     ):
-        super().__init__()
         if level_reduction not in ("sum", "mean"):
             raise ValueError(
                 f"MODEL.GKD.LEVEL_REDUCTION must be 'sum' or 'mean', not {level_reduction!r}"
             )
+        super().__init__(
+            len(strides), num_classes, num_prototypes, student_channels, teacher_channels
+        )
         self.strides = list(strides)
-        L, K, M = len(strides), num_classes, num_prototypes
         if adapter_kernel not in (1, 3):
             raise ValueError(f"MODEL.GKD.ADAPTER_KERNEL must be 1 or 3, not {adapter_kernel}")
         # 3x3, padding 1, no activation: keeps the map size (the official adapter);
@@ -108,13 +109,8 @@ class GKDDistiller(nn.Module):
             nn.Conv2d(
                 student_channels, teacher_channels, adapter_kernel, padding=adapter_kernel // 2
             )
-            for _ in range(L)
+            for _ in self.strides
         )
-        self.register_buffer("protos_s", torch.zeros(L, K, M, student_channels))
-        self.register_buffer("protos_t", torch.zeros(L, K, M, teacher_channels))
-        self.register_buffer("proto_counts", torch.zeros(L, K, dtype=torch.long))
-        self.register_buffer("proto_index", torch.full((L, K, M), -1, dtype=torch.long))
-        self.register_buffer("bank_iter", torch.tensor(-1, dtype=torch.long))
         self.robust, self.clamp_r, self.temperature = robust, clamp_r, temperature
         if soft_label not in SOFT_LABEL_FORMS:
             raise ValueError(
@@ -197,52 +193,6 @@ class GKDDistiller(nn.Module):
             shuffle_seed=g.SAMPLE_SEED,
             fg_overlap=g.FG_OVERLAP,
         )
-
-    # ---- the bank ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def set_bank(
-        self,
-        level: int,
-        cls: int,
-        feats_s: Tensor,
-        feats_t: Tensor,
-        index: Tensor | None = None,
-    ) -> None:
-        """Store the prototypes of one (level, class).
-
-        Args:
-            level, cls: the slot.
-            feats_s, feats_t: (m, C_S) / (m, C_T) prototype features, m <= M.
-            index: optional (m,) int64 row of each prototype in the PGM instance sample (what
-                the pictures of ``tools/visualize_prototypes.py`` show); None stores -1.
-        """
-        m = feats_s.shape[0]
-        if index is not None and index.shape != (m,):
-            raise ValueError(f"set_bank: {m} prototypes but an index of shape {tuple(index.shape)}")
-        self.protos_s[level, cls].zero_()
-        self.protos_t[level, cls].zero_()
-        self.proto_index[level, cls].fill_(-1)
-        self.protos_s[level, cls, :m] = feats_s
-        self.protos_t[level, cls, :m] = feats_t
-        if index is not None:
-            self.proto_index[level, cls, :m] = index.to(self.proto_index)
-        self.proto_counts[level, cls] = m
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints saved before proto_index existed still load (strictly too): their
-        # prototypes are real, only which instances they are is unknown (-1)
-        key = prefix + "proto_index"
-        if key not in state_dict and prefix + "protos_s" in state_dict:
-            state_dict[key] = torch.full_like(self.proto_index, -1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def bank(self, level: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Valid prototypes of a level: (P, C_S), (P, C_T) in class blocks, starts (K + 1,)."""
-        counts = self.proto_counts[level]
-        M = self.protos_s.shape[2]
-        valid = torch.arange(M, device=counts.device)[None, :] < counts[:, None]  # (K, M)
-        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return self.protos_s[level][valid], self.protos_t[level][valid], starts
 
     @property
     def loss_names(self) -> list[str]:
@@ -352,75 +302,40 @@ class GKDDistiller(nn.Module):
         descriptor_feats = (
             student_feats if descriptor_feats is None else [f.float() for f in descriptor_feats]
         )
-        boxes = boxes.float()
-        student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
         if soft_descriptors is not None:
             s_desc, t_desc, soft_levels = soft_descriptors
             soft_descriptors = (s_desc.float(), t_desc.float(), soft_levels)
-        L, N = len(self.strides), len(boxes)
+        batch = InstanceBatch(
+            boxes.float(),
+            batch_idx,
+            classes,
+            levels,
+            student_logits.float(),
+            teacher_logits.float(),
+            soft_descriptors,
+        )
+        L = len(self.strides)
         if len(student_feats) != L or len(teacher_feats) != L:
             raise ValueError(
                 f"GKD distiller: {len(student_feats)} student and {len(teacher_feats)} teacher "
                 f"FPN levels, configured for {L}"
             )
         zero = student_feats[0].sum() * 0.0
-        use_global = self.global_weight > 0
-        # r of every instance at its own level (and, for the global loss, every instance at
-        # every level), from box-crop means of the raw (un-adapted) maps, the student's in the
-        # normalisation its prototypes were extracted with
-        r = boxes.new_ones(N)
-        global_total = zero
-        if self.needs_prototypes:
-            for lvl in range(L):
-                sel = torch.ones_like(levels, dtype=torch.bool) if use_global else levels == lvl
-                if not bool(sel.any()):
-                    continue
-                ps, pt, starts = self.bank(lvl)
-                # the instances of this level (with the global loss: every instance, here)
-                at = (boxes[sel], batch_idx[sel], self.strides[lvl])
-                with torch.set_grad_enabled(use_global and torch.is_grad_enabled()):
-                    s = box_crop_mean(descriptor_feats[lvl], *at)
-                with torch.no_grad():
-                    t = box_crop_mean(teacher_feats[lvl], *at)
-                r_lvl = robustness_weights(s, t, ps, pt, classes[sel], starts, clamp=self.clamp_r)
-                own = levels[sel] == lvl
-                r[sel.nonzero().flatten()[own]] = r_lvl[own]
-                if use_global and ps.shape[0] > 0:
-                    with torch.no_grad():
-                        rep_t = global_representation(t, pt)
-                    global_total = global_total + global_alignment_loss(
-                        global_representation(s, ps), rep_t, r_lvl
-                    )
+        r, global_total = self.robustness_and_global_loss(
+            descriptor_feats, teacher_feats, batch, zero
+        )
         weights = r if self.robust else torch.ones_like(r)
-        perm = self._shuffle_permutation(N, r.device) if self.shuffle_r else None
+        perm = self._shuffle_permutation(len(batch), r.device) if self.shuffle_r else None
         if perm is not None:
             weights = weights[perm]
 
         losses: dict[str, Tensor] = {}
-        effects: dict[str, Tensor] = {}  # each term with the weights / with weight 1
+        terms = WeightedTerms()  # the weighted sums the diagnostics compare with weight 1
         if self.fg_weight != 0 or self.bg_weight != 0:
-            fg_total = bg_total = fg_unit_total = zero
-            for lvl in range(L):
-                sel = levels == lvl
-                a_map, t_map = self.adapters[lvl](student_feats[lvl]), teacher_feats[lvl]
-                if a_map.shape != t_map.shape:
-                    raise ValueError(
-                        f"GKD distiller, level {lvl}: adapted student map {tuple(a_map.shape)} "
-                        f"and teacher map {tuple(t_map.shape)} differ"
-                    )
-                B, _, H, W = t_map.shape
-                mask, covered = foreground_mask(
-                    boxes[sel],
-                    batch_idx[sel],
-                    weights[sel],
-                    self.strides[lvl],
-                    (B, H, W),
-                    self.fg_overlap,
-                )
-                fg, bg, fg_unit = decoupled_imitation_losses(a_map, t_map, mask, covered)
-                fg_total, bg_total = fg_total + fg, bg_total + bg
-                fg_unit_total = fg_unit_total + fg_unit
-            effects["fg"] = fg_total.detach() / fg_unit_total.clamp(min=1e-12)
+            terms.fg, bg_total, terms.fg_unit = self.imitation_sums(
+                student_feats, teacher_feats, batch, weights, zero
+            )
+            fg_total = terms.fg
             if self.level_reduction == "mean":
                 fg_total, bg_total = fg_total / L, bg_total / L
             if self.fg_weight != 0:
@@ -429,47 +344,24 @@ class GKDDistiller(nn.Module):
                 losses["loss_gkd_bg"] = self.bg_weight * attenuation * bg_total
         soft_r = None
         if self.soft_weight != 0:
-            soft_w = weights
-            if soft_descriptors is not None and self.robust:
-                soft_r = self.robustness_at(*soft_descriptors[:2], classes, soft_descriptors[2])
-                soft_w = soft_r if perm is None else soft_r[perm]
-            soft = soft_label_kl(
-                student_logits, teacher_logits, soft_w, self.temperature, self.soft_label
+            soft_w, soft_r = self.soft_label_weights(batch, weights, perm)
+            terms.soft = soft_label_kl(
+                batch.student_logits,
+                batch.teacher_logits,
+                soft_w,
+                self.temperature,
+                self.soft_label,
             )
-            losses["loss_gkd_soft"] = self.soft_weight * soft
-            with torch.no_grad():
-                soft_unit = soft_label_kl(
-                    student_logits,
-                    teacher_logits,
-                    torch.ones_like(soft_w),
-                    self.temperature,
-                    self.soft_label,
-                )
-            effects["soft"] = soft.detach() / soft_unit.clamp(min=1e-12)
-        if use_global:
+            losses["loss_gkd_soft"] = self.soft_weight * terms.soft
+        if self.global_weight > 0:
             losses["loss_gkd_global"] = self.global_weight * attenuation * global_total
-        if len(self.extra_terms):
-            inputs = DistillInputs(
-                student_feats=student_feats,
-                teacher_feats=teacher_feats,
-                strides=self.strides,
-                boxes=boxes,
-                batch_idx=batch_idx,
-                classes=classes,
-                levels=levels,
-                weights=weights,
-                student_logits=student_logits,
-                teacher_logits=teacher_logits,
-                attenuation=attenuation,
-            )
-            for term, w in zip(self.extra_terms, self.extra_weights):
-                if w != 0:
-                    losses[term.loss_name] = w * term(inputs)
+        losses.update(self.extra_losses(student_feats, teacher_feats, batch, weights, attenuation))
 
+        # what the forward reports besides its losses: read from them, feeding none
         if self.instance_sink is not None:
             self.instance_sink(
                 InstanceRecord(
-                    boxes=boxes,
+                    boxes=batch.boxes,
                     batch_idx=batch_idx,
                     classes=classes,
                     levels=levels,
@@ -480,19 +372,182 @@ class GKDDistiller(nn.Module):
                     map_shapes=[(f.shape[0], f.shape[2], f.shape[3]) for f in teacher_feats],
                 )
             )
-        stats = {"gkd/num_instances": float(N)}
-        if self.needs_prototypes:
-            stats.update(_r_stats("gkd/r", r))
-            if instance_gt is not None and gt_areas is not None:
-                stats.update(_r_by_size("gkd/r_mean", r, instance_gt, gt_areas))
-            if self.robust and N > 0:
-                # one transfer for both ratios
-                names = sorted(effects)
-                values = torch.stack([effects[k] for k in names]).tolist() if names else []
-                stats.update({f"gkd/r_effect_{k}": v for k, v in zip(names, values)})
-        if soft_r is not None:
-            stats.update(_r_stats("gkd/r_soft", soft_r))
-        return losses, stats
+        return losses, self.diagnostics(batch, r, soft_r, terms, instance_gt, gt_areas)
+
+    def robustness_and_global_loss(
+        self,
+        descriptor_feats: list[Tensor],
+        teacher_feats: list[Tensor],
+        batch: InstanceBatch,
+        zero: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """r of every instance at its own level and the global loss, from box-crop means of
+        the raw (un-adapted) maps (paper section 3.3, eqs. 5-8), the student's in the
+        normalisation its prototypes were extracted with.
+
+        With the global loss, every instance is pooled at every level (its representation on
+        each level's prototypes); else each only at its own level.
+
+        Args:
+            descriptor_feats, teacher_feats: per level (B, C_S, H, W) / (B, C_T, H, W) maps.
+            zero: () the loss sums' start, in the graph of the student's maps.
+
+        Returns:
+            r: (N,) detached weights (1 without prototypes); the global loss, summed over
+            the levels (``zero`` without it).
+        """
+        boxes, batch_idx, classes, levels = (
+            batch.boxes,
+            batch.batch_idx,
+            batch.classes,
+            batch.levels,
+        )
+        use_global = self.global_weight > 0
+        r = boxes.new_ones(len(boxes))
+        global_total = zero
+        if not self.needs_prototypes:
+            return r, global_total
+        for lvl in range(len(self.strides)):
+            sel = torch.ones_like(levels, dtype=torch.bool) if use_global else levels == lvl
+            if not bool(sel.any()):
+                continue
+            ps, pt, starts = self.bank(lvl)
+            # the instances of this level (with the global loss: every instance, here)
+            at = (boxes[sel], batch_idx[sel], self.strides[lvl])
+            with torch.set_grad_enabled(use_global and torch.is_grad_enabled()):
+                s = box_crop_mean(descriptor_feats[lvl], *at)
+            with torch.no_grad():
+                t = box_crop_mean(teacher_feats[lvl], *at)
+            r_lvl = robustness_weights(s, t, ps, pt, classes[sel], starts, clamp=self.clamp_r)
+            own = levels[sel] == lvl
+            r[sel.nonzero().flatten()[own]] = r_lvl[own]
+            if use_global and ps.shape[0] > 0:
+                with torch.no_grad():
+                    rep_t = global_representation(t, pt)
+                global_total = global_total + global_alignment_loss(
+                    global_representation(s, ps), rep_t, r_lvl
+                )
+        return r, global_total
+
+    def imitation_sums(
+        self,
+        student_feats: list[Tensor],
+        teacher_feats: list[Tensor],
+        batch: InstanceBatch,
+        weights: Tensor,
+        zero: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoupled feature imitation of the adapted student maps, summed over the levels
+        (paper section 3.3, eq. 9; each instance masks its own level's map with its weight).
+
+        Args:
+            weights: (N,) each instance's weight in the foreground mask.
+
+        Returns:
+            () fg and bg sums, and the fg sum with weight 1 (for ``gkd/r_effect_fg``).
+        """
+        fg_total = bg_total = fg_unit_total = zero
+        for lvl in range(len(self.strides)):
+            sel = batch.levels == lvl
+            a_map, t_map = self.adapters[lvl](student_feats[lvl]), teacher_feats[lvl]
+            if a_map.shape != t_map.shape:
+                raise ValueError(
+                    f"GKD distiller, level {lvl}: adapted student map {tuple(a_map.shape)} "
+                    f"and teacher map {tuple(t_map.shape)} differ"
+                )
+            B, _, H, W = t_map.shape
+            mask, covered = foreground_mask(
+                batch.boxes[sel],
+                batch.batch_idx[sel],
+                weights[sel],
+                self.strides[lvl],
+                (B, H, W),
+                self.fg_overlap,
+            )
+            fg, bg, fg_unit = decoupled_imitation_losses(a_map, t_map, mask, covered)
+            fg_total, bg_total = fg_total + fg, bg_total + bg
+            fg_unit_total = fg_unit_total + fg_unit
+        return fg_total, bg_total, fg_unit_total
+
+    def soft_label_weights(
+        self, batch: InstanceBatch, weights: Tensor, perm: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The soft labels' instance weights and their own r: the feature mask's ``weights``,
+        or with soft descriptors (Faster R-CNN's RoI features) r computed from those (shuffled
+        as ``weights`` are, by ``perm``).
+
+        Returns:
+            (N,) weights; (N,) the soft labels' own r, or None.
+        """
+        if batch.soft_descriptors is None or not self.robust:
+            return weights, None
+        s_desc, t_desc, soft_levels = batch.soft_descriptors
+        soft_r = self.robustness_at(s_desc, t_desc, batch.classes, soft_levels)
+        return (soft_r if perm is None else soft_r[perm]), soft_r
+
+    def extra_losses(
+        self,
+        student_feats: list[Tensor],
+        teacher_feats: list[Tensor],
+        batch: InstanceBatch,
+        weights: Tensor,
+        attenuation: float,
+    ) -> dict[str, Tensor]:
+        """The losses of the extra terms of nonzero weight (MODEL.GKD.EXTRA_LOSSES)."""
+        if not len(self.extra_terms):
+            return {}
+        inputs = DistillInputs(
+            student_feats=student_feats,
+            teacher_feats=teacher_feats,
+            strides=self.strides,
+            boxes=batch.boxes,
+            batch_idx=batch.batch_idx,
+            classes=batch.classes,
+            levels=batch.levels,
+            weights=weights,
+            student_logits=batch.student_logits,
+            teacher_logits=batch.teacher_logits,
+            attenuation=attenuation,
+        )
+        return {
+            term.loss_name: w * term(inputs)
+            for term, w in zip(self.extra_terms, self.extra_weights)
+            if w != 0
+        }
+
+    # ---- what a forward reports ----------------------------------------------------------------
+    def diagnostics(
+        self,
+        batch: InstanceBatch,
+        r: Tensor,
+        soft_r: Tensor | None,
+        terms: WeightedTerms,
+        instance_gt: Tensor | None,
+        gt_areas: Tensor | None,
+    ) -> dict[str, float]:
+        """The scalars of a forward (:func:`distill_diagnostics.distillation_stats`), from the
+        detached values of its loss path; the r effects need the soft-label KL at weight 1."""
+        effects = {}
+        if self.robust and len(batch) > 0:
+            soft_unit = None
+            if terms.soft is not None:
+                with torch.no_grad():
+                    soft_unit = soft_label_kl(
+                        batch.student_logits,
+                        batch.teacher_logits,
+                        torch.ones_like(r),
+                        self.temperature,
+                        self.soft_label,
+                    )
+            effects = r_effects(terms, soft_unit)
+        return distillation_stats(
+            r if self.needs_prototypes else None,
+            soft_r,
+            effects,
+            len(batch),
+            instance_gt,
+            gt_areas,
+        )
 
     def _shuffle_permutation(self, n: int, device: torch.device) -> Tensor:
         """(n,) a random permutation of a batch's instances, the same on every rank for a given
@@ -500,48 +555,3 @@ class GKDDistiller(nn.Module):
         g = torch.Generator().manual_seed(self.shuffle_seed + int(self.shuffle_calls))
         self.shuffle_calls += 1
         return torch.randperm(n, generator=g).to(device)
-
-
-def _r_by_size(prefix: str, r: Tensor, instance_gt: Tensor, gt_areas: Tensor) -> dict[str, float]:
-    """Mean r of the instances of each COCO size group (by their ground truth's area in
-    original pixels), for the groups present: ``{prefix}_small`` etc.
-
-    Args:
-        r: (N,) robustness weights.
-        instance_gt: (N,) int64 row of each instance's ground truth in ``gt_areas``; -1 (no
-            ground truth found) puts the instance in no group, rather than indexing from the end.
-        gt_areas: (G,) areas of the batch's ground truths.
-    """
-    if len(r) == 0:
-        return {}
-    known = instance_gt >= 0
-    areas = gt_areas.float()[instance_gt.clamp(min=0)] if len(gt_areas) else r.new_zeros(len(r))
-    lows = r.new_tensor([lo for lo, _ in SIZE_GROUPS.values()])
-    group = (areas[:, None] >= lows[None, :]).sum(dim=1) - 1  # (N,) 0 small .. 2 large
-    unknown = len(SIZE_GROUPS)  # an extra bin for instances without ground truth, then dropped
-    group = torch.where(known, group, torch.full_like(group, unknown))
-    counts = torch.bincount(group, minlength=unknown + 1).to(r.dtype)[:unknown]
-    sums = torch.zeros(unknown + 1, dtype=r.dtype, device=r.device).index_add_(0, group, r)
-    counts_l, sums_l = torch.stack([counts, sums[:unknown]]).tolist()  # one transfer
-    return {f"{prefix}_{name}": s / c for name, c, s in zip(SIZE_GROUPS, counts_l, sums_l) if c > 0}
-
-
-def _r_stats(prefix: str, r: Tensor) -> dict[str, float]:
-    """Mean, min, 10th percentile, median and fraction below 0.5 of robustness weights
-    (1, 1, 1, 1, 0 when empty)."""
-    if len(r) == 0:
-        return {
-            f"{prefix}_mean": 1.0,
-            f"{prefix}_min": 1.0,
-            f"{prefix}_p10": 1.0,
-            f"{prefix}_median": 1.0,
-            f"{prefix}_below_0.5": 0.0,
-        }
-    p10, median = torch.quantile(r.detach().float(), r.new_tensor([0.1, 0.5]).float()).tolist()
-    return {
-        f"{prefix}_mean": float(r.mean()),
-        f"{prefix}_min": float(r.min()),
-        f"{prefix}_p10": p10,
-        f"{prefix}_median": median,
-        f"{prefix}_below_0.5": float((r < 0.5).float().mean()),
-    }
