@@ -10,50 +10,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from detectron2.config import CfgNode
-from detectron2.engine import HookBase, TrainerBase
+from detectron2.engine import HookBase
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.modeling import META_ARCH_REGISTRY
-from torch import nn
 
-from ..modeling import DistilledDetector
 from .evaluators import build_evaluator as evaluator_by_type
+from .gkd_model import gkd_model_of, is_gkd_architecture, needs_prototypes, unwrap_ddp
 from .prototype_refresh import PrototypeRefresh
 from .teacher_check import TeacherCheck
 
-
-def is_gkd_architecture(cfg: CfgNode) -> bool:
-    """Whether ``cfg`` builds a GKD student (a :class:`DistilledDetector`)."""
-    try:
-        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    except KeyError:
-        return False
-    return isinstance(arch, type) and issubclass(arch, DistilledDetector)
-
-
-def needs_prototypes(cfg: CfgNode) -> bool:
-    """Whether the distiller of ``cfg`` uses prototypes: r (ROBUST_WEIGHTS) or the global loss;
-    the local-only baseline needs no prototype generation."""
-    return cfg.MODEL.GKD.ROBUST_WEIGHTS or cfg.MODEL.GKD.GLOBAL_WEIGHT > 0
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (its ``module``), or ``model`` itself."""
-    return getattr(model, "module", model)
-
-
-def gkd_model_of(trainer: TrainerBase) -> DistilledDetector:
-    """The GKD student that ``trainer`` trains (its DDP wrapper's ``module`` when wrapped).
-
-    Raises:
-        TypeError: the trainer's model is not a GKD meta-architecture.
-    """
-    model = unwrap_ddp(trainer.model)
-    if not isinstance(model, DistilledDetector):
-        raise TypeError(
-            f"gkd_d2's hooks need a GKD student (GKDRetinaNet, GKDRCNN), but the trainer trains "
-            f"a {type(model).__name__}: set MODEL.META_ARCHITECTURE to a GKD meta-architecture"
-        )
-    return model
+# gkd_model_of and its kin are importable from here as before (they live in gkd_model.py, which
+# the hooks import without importing this module back)
+__all__ = [
+    "LossShares",
+    "PrototypeRefresh",
+    "TeacherCheck",
+    "build_gkd_hooks",
+    "gkd_model_of",
+    "is_gkd_architecture",
+    "needs_prototypes",
+    "unwrap_ddp",
+]
 
 
 class LossShares(HookBase):

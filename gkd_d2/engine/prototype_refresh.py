@@ -22,10 +22,11 @@ from detectron2.utils import comm
 from torch import Tensor
 
 from ..distill import box_crop_mean, select_prototypes
+from ..rng import preserved_rng
+from ..schedule import refresh_period, train_dataset_dicts
 from .feature_harvest import FeatureHarvest, boxes_in_input, rows_by_image
+from .gkd_model import gkd_model_of
 from .refresh_inputs import Batch, refresh_batches
-from .rng import preserved_rng
-from .schedule import refresh_period, train_dataset_dicts
 from .teacher_cache import FILE_NAME, TeacherFeatureCache, teacher_cache_key
 
 logger = logging.getLogger(__name__)
@@ -287,8 +288,6 @@ class PrototypeRefresh(HookBase):
     def student(self) -> torch.nn.Module:
         """The GKD student: the one given, else the trainer's (unwrapped from DDP)."""
         if self.model is None:
-            from .hooks import gkd_model_of
-
             self.model = gkd_model_of(self.trainer)
         return self.model
 
@@ -298,7 +297,6 @@ class PrototypeRefresh(HookBase):
         self._teacher_features = None
 
     def before_train(self) -> None:
-        self.student().prepare_distillation()
         if self.instances is not None:  # a resumed run goes on harvesting
             self._install_harvest()
 
@@ -372,7 +370,7 @@ class PrototypeRefresh(HookBase):
         model, cfg, inst = self.student(), self.cfg, self.instances
         first_images = torch.unique_consecutive(inst["image"]).tolist()
         return teacher_cache_key(
-            model.teacher.model,
+            model.require_teacher().model,
             inst,
             [str(self.dataset_dicts[i].get("file_name", i)) for i in first_images],
             {
@@ -396,7 +394,7 @@ class PrototypeRefresh(HookBase):
         if all(comm.all_gather(cached is not None)):
             self._teacher_features = cached
             return cached
-        ids, feats = self._extract(self.student().teacher.features, images, "teacher")
+        ids, feats = self._extract(self.student().require_teacher().features, images, "teacher")
         if sorted(ids.tolist()) != list(range(n)):
             raise RuntimeError(f"PGM: gathered {len(ids)} teacher instance features, expected {n}")
         table = SampleFeatures(n)

@@ -29,7 +29,8 @@ from detectron2.engine import HookBase
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
 
-from .rng import preserved_rng
+from ..rng import preserved_rng
+from .gkd_model import gkd_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +146,8 @@ class TeacherCheck(HookBase):
         self.build_evaluator = build_evaluator
 
     def before_train(self) -> None:
-        from .hooks import gkd_model_of
-
         t = self.cfg.MODEL.TEACHER
-        model = gkd_model_of(self.trainer)
-        model.prepare_distillation()
-        teacher = model.teacher
+        teacher = gkd_model_of(self.trainer).require_teacher()
         start = time.perf_counter()
         # its data loader draws from torch's RNG: a resumed run must see the same RNG as the
         # original one after the check

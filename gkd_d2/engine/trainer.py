@@ -25,10 +25,11 @@ from ..checkpoint import GKDCheckpointer
 from ..compat import ddp_for_cpu_modules, inner_trainer, train_sampler_seed
 from ..config import check_supported, load_config
 from ..modeling import DistilledDetector
+from ..rng import rng_state, set_rng_state
+from ..schedule import train_dataset_dicts
 from .evaluators import build_evaluator
-from .hooks import build_gkd_hooks, unwrap_ddp
-from .rng import rng_state, set_rng_state
-from .schedule import train_dataset_dicts
+from .gkd_model import unwrap_ddp
+from .hooks import build_gkd_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ class Trainer(DefaultTrainer):
         # a NaN/Inf loss term stops training before its backward pass, named with the iteration
         self.finite_loss_check = model.register_forward_hook(_FiniteLossHook(self.checkpointer))
         if isinstance(model, DistilledDetector):
-            model.prepare_distillation()
+            # the teacher now, not at the first step: a bad teacher fails when the trainer is built
+            model.require_teacher()
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from detectron2.config import CfgNode
@@ -19,7 +20,12 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..distill import linear_attenuation
+from ..rng import preserved_rng
+from ..schedule import attenuation_schedule
 from .distiller import GKDDistiller
+
+if TYPE_CHECKING:
+    from ..teacher import FrozenTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +122,7 @@ class DistilledDetector:
 
     Subclasses call :meth:`init_distillation` in ``__init__`` with the names of the FPN levels
     distilled (the same names in the teacher's backbone). The teacher is built from the config
-    when training starts (:meth:`prepare_distillation`), or attached with
-    :meth:`attach_teacher`.
+    when training starts (:meth:`require_teacher`), or attached with :meth:`attach_teacher`.
     """
 
     distill_in_features: list[str]
@@ -131,14 +136,14 @@ class DistilledDetector:
         student_cfg: CfgNode | None = None,
     ) -> None:
         """Set up the distillation state; ``student_cfg`` (the config the model was built
-        from) is what :meth:`prepare_distillation` builds the teacher and a(e) from."""
+        from) is what :meth:`require_teacher` builds the teacher and a(e) from."""
         self.distiller = distiller
         self.distill_in_features = list(distill_in_features)
         # the teacher is a plain attribute, not a submodule: absent from parameters(),
         # state_dict(), the optimizer and DDP (attach_teacher)
         object.__setattr__(self, "teacher", None)
         self.student_cfg = student_cfg
-        # (iterations per epoch, epochs) for a(e); None: a = 1 (prepare_distillation sets it)
+        # (iterations per epoch, epochs) for a(e); None: a = 1 (require_teacher sets it)
         self.attenuation_schedule: tuple[int, int] | None = None
         # what detectron2's training forward hands over during one step (recording_step)
         self.current_step: StepRecord | None = None
@@ -272,21 +277,23 @@ class DistilledDetector:
         self.check_teacher(teacher)
         object.__setattr__(self, "teacher", teacher)
 
-    def prepare_distillation(self) -> None:
-        """Build the frozen teacher from the student's MODEL.TEACHER.* keys, unless one is
-        attached, and a(e)'s schedule from the training set; at most once.
+    def require_teacher(self) -> FrozenTeacher:
+        """The frozen teacher (a ``gkd_d2.teacher.FrozenTeacher``): the attached one, else built
+        from the student's MODEL.TEACHER.* at the first call, with a(e)'s schedule from the
+        training set; at most once.
 
-        Called by the GKD hooks before training (``gkd_d2.engine.build_gkd_hooks``), by
-        train_net.py's Trainer when it is built (so that a bad teacher fails at once), and by
-        the first training forward otherwise. Inference and export never call it: they need
-        no teacher.
+        The one place a student is prepared for distillation. Whoever needs the teacher first
+        builds it: train_net.py's Trainer when it is built (so that a bad teacher fails at once),
+        the teacher check or the prototype refresh before iteration 0 in any other trainer, or
+        else the first training forward. Inference and export never call it: they need no
+        teacher.
 
         Raises:
             RuntimeError: no teacher is attached and the model was not built from a config.
             TeacherLoadError, ValueError: the teacher cannot be built or does not fit.
         """
         if self.teacher is not None:
-            return
+            return self.teacher
         cfg = self.student_cfg
         if cfg is None:
             raise RuntimeError(
@@ -294,17 +301,16 @@ class DistilledDetector:
                 "a config: attach one with attach_teacher(FrozenTeacher(...)), or build the "
                 "model from a config with MODEL.TEACHER.CONFIG_FILE and MODEL.TEACHER.WEIGHTS"
             )
-        from ..engine.rng import preserved_rng
-        from ..engine.schedule import attenuation_schedule
         from ..teacher import build_teacher
 
         # fails here, before training, on missing weights or mismatching keys/classes; off the
         # global RNGs (its random initialisation is overwritten), so that training draws the
-        # same numbers whether a trainer builds the teacher first or a hook before iteration 0
+        # same numbers whichever caller builds the teacher first
         with preserved_rng():
             teacher = build_teacher(cfg)
         self.attach_teacher(teacher)
         self.attenuation_schedule = attenuation_schedule(cfg)
+        return self.teacher
 
     @contextlib.contextmanager
     def recording_step(self, batched_inputs: list[dict]) -> Iterator[StepRecord]:
@@ -317,6 +323,9 @@ class DistilledDetector:
         first. The detector records the rest (instances, logits) from detectron2's public
         methods it overrides or from forward hooks.
         """
+        # the teacher this step distils from, built here when no trainer or hook built it
+        # before: ahead of the student's forward, so that a bad teacher fails first
+        self.require_teacher()
         step = StepRecord(batched_inputs)
 
         def before_backbone(module: nn.Module, args: tuple) -> None:

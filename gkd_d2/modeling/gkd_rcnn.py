@@ -144,7 +144,6 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
     def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return super().forward(batched_inputs)
-        self.prepare_distillation()
         heads = self.roi_heads
         with (
             self.recording_step(batched_inputs) as step,

@@ -78,7 +78,6 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
     def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return super().forward(batched_inputs)
-        self.prepare_distillation()
         with self.recording_step(batched_inputs):
             return super().forward(batched_inputs)
 
