@@ -15,7 +15,7 @@ from PIL import Image
 
 from gkd_d2.config import load_config
 from gkd_d2.engine import PrototypeRefresh, Trainer
-from gkd_d2.engine.prototype_refresh import extract_instance_features
+from gkd_d2.engine.refresh_extract import extract_instance_features
 from gkd_d2.engine.schedule import train_dataset_dicts
 from gkd_d2.modeling import GKDDistiller
 from tools import visualize_prototypes as vis

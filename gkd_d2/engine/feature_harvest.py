@@ -135,6 +135,24 @@ class FeatureHarvest:
         # the refresh this harvest follows; sampled images seen whose boxes could not be placed
         self.reset(-1)
 
+    @classmethod
+    def of_model(
+        cls,
+        model: torch.nn.Module,
+        instances: dict[str, Tensor],
+        dataset_dicts: list[dict],
+        harvest_flipped: bool = True,
+    ) -> FeatureHarvest:
+        """The harvest of a GKD student's distilled levels, for the sample ``instances`` of the
+        training set ``dataset_dicts``."""
+        return cls(
+            instances,
+            [d.get("file_name", str(i)) for i, d in enumerate(dataset_dicts)],
+            list(model.distill_in_features),
+            model.distiller.strides,
+            harvest_flipped,
+        )
+
     def reset(self, since: int) -> None:
         """Start a new harvest after the refresh at iteration ``since``."""
         self.since = since

@@ -1,269 +1,60 @@
-"""PGM in training: the fixed instance sample, feature extraction, and the refresh hook.
+"""PGM in training: the hook that refreshes the prototype bank (paper section 3.2).
 
 As the official code's PGM hook (hikvision-research/DAVAR-Lab-ML, ECCV22 GKD project,
-pgm_hook.py and prototype_generation_module.py): a separate eval-mode pass in the test pipeline,
-no flip, a fixed sample of up to MAX_IMAGES_PER_CLASS images per class drawn once (seed 1).
+pgm_hook.py): a refresh before iteration 0 and then every epoch, each a sequence of steps from
+the modules named for them: the fixed instance sample (``refresh_sample``), the student's and
+the teacher's features of it (``refresh_extract``: test-time images read by loader workers,
+sharded over ranks; the teacher's extracted once and kept in ``OUTPUT_DIR`` by
+``teacher_cache``, so a resumed run pays no teacher pass), the (class, level) selections, shared
+out over the ranks (``refresh_select``), the bank they replace (the distiller, a
+``PrototypeBank``: model state, so a resumed run skips the refresh that produced the bank it
+loaded), and the scalars (``refresh_report``). The steps that exchange data between ranks say
+so in their names (``gather_*``): every rank runs them, in the same order, and holds the same
+bank.
+
+MODEL.GKD.REFRESH_MODE "full" (official) extracts the student's features of the whole sample at
+each refresh. "bank" takes them from the epoch's training forwards (``feature_harvest``),
+extracts only the instances not harvested, selects, and re-extracts the picked instances with
+the current student, so the prototypes themselves are as in full mode. The harvest is merged
+over ranks before each checkpoint and saved with the hook's state: a resumed run continues it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Iterable
 
-import numpy as np
 import torch
-from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetMapper
 from detectron2.engine import HookBase
-from detectron2.structures import BoxMode, ImageList
-from detectron2.utils import comm
+from detectron2.structures import ImageList
 from torch import Tensor
 
-from ..distill import box_crop_mean, select_prototypes
+from ..distill import select_prototypes
+from ..modeling import DistilledDetector
+from ..modeling.prototype_bank import PrototypeBank
 from ..rng import preserved_rng
 from ..schedule import refresh_period, train_dataset_dicts
-from .feature_harvest import FeatureHarvest, boxes_in_input, rows_by_image
+from .feature_harvest import FeatureHarvest
 from .gkd_model import gkd_model_of
-from .refresh_inputs import Batch, refresh_batches
-from .teacher_cache import FILE_NAME, TeacherFeatureCache, teacher_cache_key
+from .refresh_extract import SampleExtraction, SampleFeatures, evaluating
+from .refresh_report import RefreshRecord, log_refresh, metric_class_names, refresh_scalars
+from .refresh_sample import configured_sample
+from .refresh_select import select_bank
+from .teacher_cache import FILE_NAME, TeacherFeatureCache
 
 logger = logging.getLogger(__name__)
 
 REFRESH_MODES = ("full", "bank")
 
-# A forward of a batch of detectron2 input dicts to (FPN features by name, their ImageList).
-FeatureFn = Callable[[list[dict]], tuple[dict[str, Tensor], ImageList]]
-
-
-def sample_instances(
-    dataset_dicts: list[dict],
-    num_classes: int,
-    min_size: float = 30.0,
-    max_images_per_class: int = 800,
-    seed: int = 1,
-) -> dict[str, Tensor]:
-    """The PGM's instance sample, drawn once: per class, up to ``max_images_per_class`` images
-    with a box of that class wider and taller than ``min_size`` (original pixels, strict), and
-    every such box of the class in those images.
-
-    Args:
-        dataset_dicts: detectron2 dataset dicts (the training set, in loader order).
-
-    Returns:
-        ``image`` (N,) int64 index into ``dataset_dicts``, ``cls`` (N,) int64 contiguous class,
-        ``box`` (N, 4) float32 XYXY in original pixels; ordered by class, image, annotation.
-    """
-    per_class: list[dict[int, list[list[float]]]] = [{} for _ in range(num_classes)]
-    for i, d in enumerate(dataset_dicts):
-        for a in d.get("annotations", []):
-            if a.get("iscrowd", 0):
-                continue
-            x1, y1, x2, y2 = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
-            if x2 - x1 > min_size and y2 - y1 > min_size:
-                per_class[a["category_id"]].setdefault(i, []).append([x1, y1, x2, y2])
-    rng = np.random.RandomState(seed)
-    image, cls, box = [], [], []
-    for c, by_image in enumerate(per_class):
-        ids = sorted(by_image)
-        if len(ids) > max_images_per_class:
-            ids = sorted(rng.choice(ids, max_images_per_class, replace=False).tolist())
-        for i in ids:
-            for b in by_image[i]:
-                image.append(i)
-                cls.append(c)
-                box.append(b)
-    return {
-        "image": torch.tensor(image, dtype=torch.long),
-        "cls": torch.tensor(cls, dtype=torch.long),
-        "box": torch.tensor(box, dtype=torch.float32).reshape(-1, 4),
-    }
-
-
-@torch.no_grad()
-def extract_instance_features(
-    forward: FeatureFn,
-    batches: Iterable[Batch],
-    instances: dict[str, Tensor],
-    level_names: list[str],
-    strides: list[int],
-    label: str = "",
-    num_images: int | None = None,
-    autocast: bool = False,
-) -> tuple[Tensor, list[Tensor]]:
-    """Box-crop features of the sampled instances in the images of ``batches``.
-
-    Each image is forwarded once, whatever the number of classes it holds.
-
-    Args:
-        forward: batch of input dicts -> (features by level name, ImageList).
-        batches: lists of (dataset index, test-time input dict: "image", "height", "width"),
-            e.g. :func:`~gkd_d2.engine.refresh_inputs.refresh_batches` (this rank's share).
-        instances: the sample of :func:`sample_instances`.
-        num_images: the images in ``batches``, for the progress log.
-        autocast: run ``forward`` under CUDA autocast (fp16); the pooled sums stay fp32.
-
-    Returns:
-        ids: (n,) int64 row indices into ``instances`` of the instances covered;
-        feats: per level, (n, C) float32 CPU tensors, rows in the order of ``ids``.
-    """
-    rows_of = rows_by_image(instances["image"])
-    ids_out: list[Tensor] = []
-    feats_out: list[list[Tensor]] = [[] for _ in level_names]
-    start, last_log, done = time.perf_counter(), time.perf_counter(), 0
-    for batch in batches:
-        inputs = [inp for _, inp in batch]
-        with torch.autocast("cuda", enabled=autocast):
-            feats, images = forward(inputs)
-        boxes, batch_idx, rows = [], [], []
-        for j, (i, inp) in enumerate(batch):
-            sel = rows_of[i]
-            original = (inp["height"], inp["width"])
-            boxes.append(boxes_in_input(instances["box"][sel], original, images.image_sizes[j]))
-            batch_idx.append(torch.full((len(sel),), j, dtype=torch.long))
-            rows.append(sel)
-        device = feats[level_names[0]].device
-        boxes_t, bidx = torch.cat(boxes).to(device), torch.cat(batch_idx).to(device)
-        # every instance at every level
-        for k, (name, stride) in enumerate(zip(level_names, strides)):
-            feats_out[k].append(box_crop_mean(feats[name], boxes_t, bidx, stride).float().cpu())
-        ids_out.append(torch.cat(rows))
-        done += len(batch)
-        if time.perf_counter() - last_log > 10:
-            elapsed = time.perf_counter() - start
-            total = f"/{num_images}" if num_images else ""
-            eta = f", ETA {elapsed / done * (num_images - done):.0f}s" if num_images else ""
-            logger.info(f"PGM {label}: {done}{total} images, {elapsed:.0f}s{eta}")
-            last_log = time.perf_counter()
-    if not ids_out:
-        return torch.zeros(0, dtype=torch.long), [torch.zeros(0, 0) for _ in level_names]
-    return torch.cat(ids_out), [torch.cat(f) for f in feats_out]
-
-
-def gather_features(ids: Tensor, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """All-gather every rank's instance features: (n,) rows and per level (n, C), rank-major."""
-    parts = [p for p in comm.all_gather((ids, feats)) if len(p[0])]
-    if not parts:
-        return ids, feats
-    return torch.cat([p[0] for p in parts]), [
-        torch.cat([p[1][k] for p in parts]) for k in range(len(feats))
-    ]
-
-
-def selection_shares(sizes: list[int], world_size: int) -> list[int]:
-    """The rank that solves each selection problem: longest first to the least-loaded rank
-    (cost ~ N^2: the density matrices), ties by problem order, then lowest rank.
-
-    Args:
-        sizes: N of each problem.
-
-    Returns:
-        the rank of each problem.
-    """
-    load = [0] * world_size
-    owner = [0] * len(sizes)
-    for p in sorted(range(len(sizes)), key=lambda p: (-sizes[p], p)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        owner[p] = r
-        load[r] += sizes[p] ** 2
-    return owner
-
-
-def select_bank(
-    feats_s: list[Tensor],
-    feats_t: list[Tensor],
-    classes: Tensor,
-    num_classes: int,
-    select: Callable[[Tensor, Tensor], Tensor],
-    device: torch.device | str = "cpu",
-) -> list[list[Tensor]]:
-    """Prototype picks of every (class, level), each problem solved by one rank on ``device``
-    and the picks all-gathered, so that every rank holds the same picks.
-
-    Args:
-        feats_s, feats_t: per level, (N, C_S) / (N, C_T) features of the whole sample.
-        classes: (N,) int64 class of each instance.
-        select: (feats_s, feats_t) of one class -> (m,) int64 picks among its rows.
-
-    Returns:
-        picks[c][level]: (m,) int64 CPU sample rows of the prototypes.
-    """
-    num_levels = len(feats_s)
-    rows_of = [torch.nonzero(classes == c).flatten() for c in range(num_classes)]
-    problems = [(c, lvl) for c in range(num_classes) for lvl in range(num_levels)]
-    owner = selection_shares([len(rows_of[c]) for c, _ in problems], comm.get_world_size())
-    mine = {}
-    for p, (c, lvl) in enumerate(problems):
-        if owner[p] != comm.get_rank():
-            continue
-        rows = rows_of[c]
-        idx = select(feats_s[lvl][rows].to(device), feats_t[lvl][rows].to(device))
-        mine[p] = rows[idx.cpu()]
-    solved = {}
-    for part in comm.all_gather(mine):
-        solved.update(part)
-    return [[solved[c * num_levels + lvl] for lvl in range(num_levels)] for c in range(num_classes)]
-
-
-class SampleFeatures:
-    """One model's features of the whole instance sample, filled in parts: ``levels`` (per
-    level, (N, C) float32), ``have`` (N,) rows filled, ``current`` (N,) rows extracted in this
-    refresh (with the model as it is now)."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.levels: list[Tensor] | None = None
-        self.have = torch.zeros(n, dtype=torch.bool)
-        self.current = torch.zeros(n, dtype=torch.bool)
-
-    def fill(self, ids: Tensor, feats: list[Tensor], current: bool = True) -> None:
-        """Rows ``ids`` (m,) get ``feats`` (per level, (m, C))."""
-        if self.levels is None:
-            self.levels = [torch.zeros(self.n, f.shape[1]) for f in feats]
-        for table, f in zip(self.levels, feats):
-            table[ids] = f
-        self.have[ids] = True
-        self.current[ids] = current
-
 
 class PrototypeRefresh(HookBase):
-    """Refresh the prototype bank before iteration 0 and then every ``period`` iterations.
+    """Refresh the prototype bank before iteration 0 and then every ``period`` iterations
+    (the module's docstring). The bank's instance sample is saved with the hook's checkpoint
+    state (``instances``), with bank mode's harvest (``harvest``)."""
 
-    The instance sample is drawn once and kept in the hook's checkpoint state. Images are read
-    by loader workers (:func:`~gkd_d2.engine.refresh_inputs.refresh_batches`), sharded over
-    ranks, and the features all-gathered; the (class, level) selections are shared out over
-    the ranks, run on the model's device and their picks all-gathered, so every rank holds the
-    same bank. The teacher's features are extracted once and cached in memory and in
-    ``OUTPUT_DIR/gkd_teacher_features.pth`` (MODEL.GKD.TEACHER_CACHE), which a resumed run
-    reads instead of a teacher pass.
-
-    MODEL.GKD.REFRESH_MODE "full" (official) extracts the student's features of the whole
-    sample at each refresh. "bank" takes them from the epoch's training forwards
-    (:class:`~gkd_d2.engine.feature_harvest.FeatureHarvest`), extracts only the instances not
-    harvested, selects, and re-extracts the picked instances with the current student, so the
-    prototypes themselves are as in full mode. The harvest is merged over ranks before each
-    checkpoint and saved with the hook's state: a resumed run continues it.
-
-    The bank itself lives in the model (``distiller`` buffers), hence in every checkpoint; a
-    resumed run skips the refresh that produced the bank it loaded. Each prototype's row in the
-    instance sample goes to the bank too (``distiller.proto_index``), so that the checkpoint
-    says which instances the prototypes are (``tools/visualize_prototypes.py`` draws them).
-
-    Each refresh writes to the EventStorage (metrics.json, TensorBoard; not smoothed):
-    ``gkd/refresh_seconds``, ``gkd/pgm_instances`` (the sample's size),
-    ``gkd/pgm_classes_without_prototypes``, ``gkd/pgm_student_images`` and
-    ``gkd/pgm_teacher_images`` (forwarded by this process), in bank mode
-    ``gkd/pgm_harvested`` (the share of the sample's instances harvested) and
-    ``gkd/pgm_unplaced_images`` (sampled training images not harvested: flipped ones unless
-    MODEL.GKD.BANK_HARVEST_FLIPPED, or an augmentation the harvest cannot follow; extracted
-    instead) and, per class
-    (``thing_classes`` of the first training set, else the index), ``gkd/pgm_instances/<class>``
-    (its instances in the sample) and ``gkd/pgm_picks/<class>`` (its distinct instances picked
-    as prototypes, all levels).
-    """
-
-    def __init__(self, cfg, model: torch.nn.Module | None = None):
+    def __init__(self, cfg, model: DistilledDetector | None = None):
         self.cfg = cfg
         # the GKD student itself, not its DDP wrapper; None: the trainer's, at before_train
         self.model = model
@@ -274,7 +65,6 @@ class PrototypeRefresh(HookBase):
             raise ValueError(
                 f"MODEL.GKD.REFRESH_MODE must be one of {REFRESH_MODES}, not {self.mode!r}"
             )
-        self.instances: dict[str, Tensor] | None = None
         self._teacher_features: list[Tensor] | None = None
         self.teacher_cache = TeacherFeatureCache(
             os.path.join(cfg.OUTPUT_DIR, FILE_NAME) if cfg.MODEL.GKD.TEACHER_CACHE else None
@@ -285,11 +75,24 @@ class PrototypeRefresh(HookBase):
         # per refresh, by this process: images forwarded by each model, harvested rows
         self.last_counts: dict[str, int] = {}
 
-    def student(self) -> torch.nn.Module:
+    def student(self) -> DistilledDetector:
         """The GKD student: the one given, else the trainer's (unwrapped from DDP)."""
         if self.model is None:
             self.model = gkd_model_of(self.trainer)
         return self.model
+
+    def bank(self) -> PrototypeBank:
+        """The bank this hook refreshes: the student's distiller."""
+        return self.student().distiller
+
+    @property
+    def instances(self) -> dict[str, Tensor] | None:
+        """The bank's instance sample (:attr:`PrototypeBank.instances`)."""
+        return self.bank().instances
+
+    @instances.setter
+    def instances(self, instances: dict[str, Tensor] | None) -> None:
+        self.bank().instances = instances
 
     def forget_teacher_features(self) -> None:
         """Drop the in-memory teacher features: the next refresh reads the cache file, whose
@@ -302,7 +105,7 @@ class PrototypeRefresh(HookBase):
 
     def before_step(self) -> None:
         it = self.trainer.iter
-        if it % self.period == 0 and int(self.student().distiller.bank_iter) != it:
+        if it % self.period == 0 and int(self.bank().bank_iter) != it:
             self.refresh(it)
 
     def after_step(self) -> None:
@@ -314,99 +117,51 @@ class PrototypeRefresh(HookBase):
         if (period > 0 and (it + 1) % period == 0) or it >= self.trainer.max_iter - 1:
             self.harvest.merge()
 
-    def _install_harvest(self) -> None:
-        if self.mode != "bank" or self.harvest is not None:
+    def refresh(self, iteration: int) -> None:
+        """Replace the bank with the prototypes picked from the sample's features as the
+        student is now. The ``gather_*`` steps exchange data with the other ranks."""
+        start = time.perf_counter()
+        model, bank = self.student(), self.bank()
+        self.last_counts = {"student_images": 0, "teacher_images": 0, "harvested": 0}
+        if bank.instances is None:
+            bank.instances = configured_sample(self.cfg, self.dataset_dicts, bank.num_classes)
+        self._install_harvest()
+        inst = bank.instances
+        if len(inst["cls"]) == 0:
+            logger.warning(
+                f"PGM: no training box is larger than {self.cfg.MODEL.GKD.MIN_BOX_SIZE} px: no "
+                "prototypes, every instance gets r = 1 (unweighted knowledge)"
+            )
+            bank.bank_iter.fill_(iteration)
+            picked = [[] for _ in range(bank.num_classes)]
+            self._put_scalars(self._record(iteration, time.perf_counter() - start, picked))
             return
-        model = self.student()
-        self.harvest = FeatureHarvest(
-            self.instances,
-            [d.get("file_name", str(i)) for i, d in enumerate(self.dataset_dicts)],
-            list(model.distill_in_features),
-            model.distiller.strides,
-            self.cfg.MODEL.GKD.BANK_HARVEST_FLIPPED,
-        )
-        if self._harvest_state is not None:
-            self.harvest.load_state_dict(self._harvest_state)
-            self._harvest_state = None
-        model.feature_harvest = self.harvest
+        images = sorted(set(inst["image"].tolist()))
+        # the student's features of the whole sample: harvested rows (bank mode, since the
+        # bank now in use), the rest extracted in the test pipeline
+        student = SampleFeatures(len(inst["cls"]))
+        harvested = self.gather_harvest(int(bank.bank_iter))
+        if harvested is not None:
+            student.fill(*harvested, current=False)
+        with evaluating(model), preserved_rng():
+            self.gather_student_features(student, ~student.have)
+            teacher = self.gather_teacher_features(images)
+            picked = self.gather_picks(student.levels, teacher)
+            # the prototypes themselves from the current student (bank mode: the picks
+            # came from harvested features up to a period old)
+            rows = torch.cat([p for per_class in picked for p in per_class])
+            self.gather_student_features(student, rows[~student.current[rows]])
+        bank.store_picks(picked, student.levels, teacher, iteration)
+        if self.harvest is not None:
+            self.harvest.reset(iteration)
+        record = self._record(iteration, time.perf_counter() - start, picked, len(images))
+        log_refresh(record, self.cfg.MODEL.GKD.MIN_BOX_SIZE)
+        self._put_scalars(record)
 
-    def _batches(self, shard: list[int]) -> Iterable[Batch]:
-        """The images ``shard`` (dataset indices), loaded in batches."""
-        cfg = self.cfg
-        return refresh_batches(
-            self.dataset_dicts,
-            shard,
-            self._mapper,
-            cfg.MODEL.GKD.EXTRACT_BATCH_SIZE,
-            cfg.DATALOADER.NUM_WORKERS,
-            cfg.INPUT.MIN_SIZE_TEST,
-            cfg.INPUT.MAX_SIZE_TEST,
-            self.student().backbone.size_divisibility,
-        )
-
-    def _extract(self, forward: FeatureFn, images: list[int], label: str) -> tuple:
-        """Features of the sampled instances in ``images``, from every rank (gathered)."""
-        model = self.student()
-        shard = images[comm.get_rank() :: comm.get_world_size()]
-        key = f"{label}_images"
-        self.last_counts[key] = self.last_counts.get(key, 0) + len(shard)
-        ids, feats = extract_instance_features(
-            forward,
-            self._batches(shard),
-            self.instances,
-            list(model.distill_in_features),
-            model.distiller.strides,
-            label,
-            len(shard),
-            self._extract_autocast(),
-        )
-        return gather_features(ids, feats)
-
-    def _extract_autocast(self) -> bool:
-        """Whether the extraction runs under autocast: MODEL.GKD.EXTRACT_AMP, on CUDA only."""
-        return bool(self.cfg.MODEL.GKD.EXTRACT_AMP) and self.student().device.type == "cuda"
-
-    def _teacher_key(self) -> dict:
-        model, cfg, inst = self.student(), self.cfg, self.instances
-        first_images = torch.unique_consecutive(inst["image"]).tolist()
-        return teacher_cache_key(
-            model.require_teacher().model,
-            inst,
-            [str(self.dataset_dicts[i].get("file_name", i)) for i in first_images],
-            {
-                "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
-                "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
-                "format": cfg.INPUT.FORMAT,
-            },
-            list(model.distill_in_features),
-            model.distiller.strides,
-            self._extract_autocast(),
-        )
-
-    def teacher_features(self, images: list[int]) -> list[Tensor]:
-        """The teacher's features of the whole sample: in memory, else from the cache file when
-        every rank can read it with this run's key, else extracted (and the file written)."""
-        if self._teacher_features is not None:
-            return self._teacher_features
-        n = len(self.instances["cls"])
-        key = self._teacher_key()
-        cached = self.teacher_cache.load(key)
-        if all(comm.all_gather(cached is not None)):
-            self._teacher_features = cached
-            return cached
-        ids, feats = self._extract(self.student().require_teacher().features, images, "teacher")
-        if sorted(ids.tolist()) != list(range(n)):
-            raise RuntimeError(f"PGM: gathered {len(ids)} teacher instance features, expected {n}")
-        table = SampleFeatures(n)
-        table.fill(ids, feats)
-        if comm.is_main_process():
-            self.teacher_cache.save(key, table.levels)
-        self._teacher_features = table.levels
-        return table.levels
-
-    def _harvested_rows(self, bank_iter: int) -> tuple[Tensor, list[Tensor]] | None:
-        """Bank mode: the rows every rank harvested since the refresh of the bank in use
-        (merged: collective), or None."""
+    # ---- the refresh's steps -------------------------------------------------------------------
+    def gather_harvest(self, bank_iter: int) -> tuple[Tensor, list[Tensor]] | None:
+        """Bank mode: the rows every rank harvested since the refresh of the bank in use,
+        merged over the ranks (all-gather), or None."""
         if self.harvest is None:
             return None
         self.harvest.merge()
@@ -417,151 +172,98 @@ class PrototypeRefresh(HookBase):
         self.last_counts["harvested"] = len(rows)
         return rows, feats
 
-    def refresh(self, iteration: int) -> None:
-        g = self.cfg.MODEL.GKD
-        model = self.student()
-        distiller = model.distiller
-        num_classes, num_levels = distiller.protos_s.shape[1], distiller.protos_s.shape[0]
-        start = time.perf_counter()
-        self.last_counts = {"student_images": 0, "teacher_images": 0, "harvested": 0}
-        if self.instances is None:
-            self.instances = sample_instances(
-                self.dataset_dicts,
-                num_classes,
-                g.MIN_BOX_SIZE,
-                g.MAX_IMAGES_PER_CLASS,
-                g.SAMPLE_SEED,
-            )
-        self._install_harvest()
-        inst = self.instances
-        n = len(inst["cls"])
-        if n == 0:
-            logger.warning(
-                f"PGM: no training box is larger than {g.MIN_BOX_SIZE} px: no prototypes, every "
-                "instance gets r = 1 (unweighted knowledge)"
-            )
-            distiller.bank_iter.fill_(iteration)
-            self._put_summaries(time.perf_counter() - start, [[] for _ in range(num_classes)])
-            return
-        images = sorted(set(inst["image"].tolist()))
+    def gather_student_features(self, table: SampleFeatures, rows: Tensor) -> None:
+        """Fill ``table`` with the student's features of the images that hold the sample's
+        ``rows`` (a mask or indices): this rank's share extracted, every rank's all-gathered.
+        Nothing when ``rows`` is empty."""
+        images = sorted(set(self.instances["image"][rows].tolist()))
+        if images:
+            table.fill(*self._extraction().gather(self._student_maps, images, "student"))
 
-        def student_forward(inputs):
-            ims = model.preprocess_image(inputs)
-            return model.backbone(ims.tensor), ims
+    def gather_teacher_features(self, images: list[int]) -> list[Tensor]:
+        """The teacher's features of the whole sample: in memory, else from the cache file or
+        extracted from ``images``, with every rank (:meth:`SampleExtraction.gather_teacher`)."""
+        if self._teacher_features is None:
+            teacher = self.student().require_teacher()
+            extraction = self._extraction()
+            self._teacher_features = extraction.gather_teacher(teacher, images, self.teacher_cache)
+        return self._teacher_features
 
-        # the student's features of the whole sample: harvested rows (bank mode, since the
-        # bank now in use), the rest extracted in the test pipeline
-        student = SampleFeatures(n)
-        harvested = self._harvested_rows(int(distiller.bank_iter))
-        if harvested is not None:
-            student.fill(*harvested, current=False)
+    # the name benchmarks call it by
+    teacher_features = gather_teacher_features
 
-        was_training = model.training
-        model.eval()
-        try:
-            with preserved_rng():
-                missing = sorted(set(inst["image"][~student.have].tolist()))
-                if missing:
-                    student.fill(*self._extract(student_forward, missing, "student"))
-                feats_t = self.teacher_features(images)
-                picked = select_bank(
-                    student.levels,
-                    feats_t,
-                    inst["cls"],
-                    num_classes,
-                    lambda xs, xt: select_prototypes(
-                        xs,
-                        xt,
-                        g.NUM_PROTOTYPES,
-                        g.ALPHA,
-                        g.DENSITY_KERNEL,
-                        g.DENSITY_QUANTILE,
-                        g.EXCLUDE_PICKED,
-                    ),
-                    model.device,
-                )
-                # the prototypes themselves from the current student (bank mode: the picks
-                # came from harvested features up to a period old)
-                rows = torch.cat([p for per_class in picked for p in per_class])
-                stale = rows[~student.current[rows]]
-                if len(stale):
-                    again = sorted(set(inst["image"][stale].tolist()))
-                    student.fill(*self._extract(student_forward, again, "student"))
-        finally:
-            model.train(was_training)
-        device = distiller.protos_s.device
-        for c in range(num_classes):
-            for lvl in range(num_levels):
-                picks = picked[c][lvl]
-                distiller.set_bank(
-                    lvl,
-                    c,
-                    student.levels[lvl][picks].to(device),
-                    feats_t[lvl][picks].to(device),
-                    index=picks,
-                )
-        distiller.bank_iter.fill_(iteration)
-        if self.harvest is not None:
-            self.harvest.reset(iteration)
-        seconds = time.perf_counter() - start
-        empty = [c for c in range(num_classes) if not bool((inst["cls"] == c).any())]
-        if empty:
-            logger.warning(
-                f"PGM: classes {empty} have no instance larger than {g.MIN_BOX_SIZE} px: no "
-                "prototypes, their instances get r = 1 (unweighted knowledge)"
-            )
-        counts = self.last_counts
-        logger.info(
-            f"PGM refresh at iteration {iteration} ({self.mode}): {n} instances in "
-            f"{len(images)} images; this rank forwarded {counts['student_images']} images "
-            f"through the student and {counts['teacher_images']} through the teacher"
-            + (f", {counts['harvested']} instances harvested" if self.harvest else "")
-            + f"; {seconds:.1f}s"
-        )
-        self._put_summaries(seconds, picked)
+    def gather_picks(self, feats_s: list[Tensor], feats_t: list[Tensor]) -> list[list[Tensor]]:
+        """The prototypes of every (class, level) (density filter, then joint matching
+        pursuit: ``select_prototypes``), each selection solved by one rank on the model's
+        device and the picks all-gathered (:func:`select_bank`).
 
-    def metric_class_names(self, num_classes: int) -> list[str]:
-        """Metric-safe names of the training set's classes (``thing_classes``), else indices."""
-        names = None
-        if self.cfg.DATASETS.TRAIN:
-            names = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
-        if names is None or len(names) != num_classes:
-            return [str(c) for c in range(num_classes)]
-        # a "/" would nest the metric one level deeper in TensorBoard; spaces read badly in tags
-        return [re.sub(r"[\s/]+", "_", str(n)) for n in names]
-
-    def _put_summaries(self, seconds: float, picked: list[list[Tensor]]) -> None:
-        """Write a refresh's summaries to the EventStorage (metrics.json, TensorBoard).
-
-        Args:
-            seconds: the refresh's wall time.
-            picked: per class, per level, the (m,) sample rows picked as prototypes.
+        Returns:
+            picked[c][level]: (m,) int64 sample rows of the prototypes.
         """
-        inst = self.instances
-        num_classes = len(picked)
-        per_class = torch.bincount(inst["cls"], minlength=num_classes).tolist()
-        scalars = {
-            "gkd/refresh_seconds": seconds,
-            "gkd/pgm_instances": float(len(inst["cls"])),
-            # a class without prototypes trains with r = 1 for all its instances
-            "gkd/pgm_classes_without_prototypes": float(
-                sum(1 for p in picked if sum(len(x) for x in p) == 0)
-            ),
-            "gkd/pgm_student_images": float(self.last_counts.get("student_images", 0)),
-            "gkd/pgm_teacher_images": float(self.last_counts.get("teacher_images", 0)),
-        }
-        if self.harvest is not None and len(inst["cls"]):
-            scalars["gkd/pgm_harvested"] = self.last_counts.get("harvested", 0) / len(inst["cls"])
-            # sampled training images not harvested (flipped ones unless BANK_HARVEST_FLIPPED,
-            # an augmentation the harvest cannot follow such as a crop): the refresh extracts them
-            scalars["gkd/pgm_unplaced_images"] = float(self.last_counts.get("unplaced", 0))
-        for c, name in enumerate(self.metric_class_names(num_classes)):
-            scalars[f"gkd/pgm_instances/{name}"] = float(per_class[c])
-            # distinct instances over all levels: one instance often represents several
-            distinct = torch.unique(torch.cat(picked[c])) if picked[c] else []
-            scalars[f"gkd/pgm_picks/{name}"] = float(len(distinct))
-        self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
+        g = self.cfg.MODEL.GKD
+        settings = (
+            g.NUM_PROTOTYPES,
+            g.ALPHA,
+            g.DENSITY_KERNEL,
+            g.DENSITY_QUANTILE,
+            g.EXCLUDE_PICKED,
+        )
+        cls, num_classes = self.instances["cls"], self.bank().num_classes
 
+        def select(xs: Tensor, xt: Tensor) -> Tensor:
+            return select_prototypes(xs, xt, *settings)
+
+        return select_bank(feats_s, feats_t, cls, num_classes, select, self.student().device)
+
+    # ---- what the steps need -------------------------------------------------------------------
+    def _install_harvest(self) -> None:
+        if self.mode != "bank" or self.harvest is not None:
+            return
+        model = self.student()
+        flipped = self.cfg.MODEL.GKD.BANK_HARVEST_FLIPPED
+        self.harvest = FeatureHarvest.of_model(model, self.instances, self.dataset_dicts, flipped)
+        if self._harvest_state is not None:
+            self.harvest.load_state_dict(self._harvest_state)
+            self._harvest_state = None
+        model.feature_harvest = self.harvest
+
+    def _student_maps(self, inputs: list[dict]) -> tuple[dict[str, Tensor], ImageList]:
+        """The student's backbone features of test-time inputs (a ``FeatureFn``)."""
+        model = self.student()
+        images = model.preprocess_image(inputs)
+        return model.backbone(images.tensor), images
+
+    def _extraction(self) -> SampleExtraction:
+        # made at each use: the extraction reads the config as it is then
+        return SampleExtraction(
+            self.cfg,
+            self.student(),
+            self.dataset_dicts,
+            self._mapper,
+            self.instances,
+            self.last_counts,
+        )
+
+    # ---- what a refresh reports ----------------------------------------------------------------
+    def _record(
+        self, iteration: int, seconds: float, picked: list[list[Tensor]], num_images: int = 0
+    ) -> RefreshRecord:
+        return RefreshRecord(
+            iteration=iteration,
+            mode=self.mode,
+            instances=self.instances,
+            picked=picked,
+            counts=self.last_counts,
+            seconds=seconds,
+            harvesting=self.harvest is not None,
+            num_images=num_images,
+        )
+
+    def _put_scalars(self, record: RefreshRecord) -> None:
+        names = metric_class_names(self.cfg, len(record.picked))
+        self.trainer.storage.put_scalars(**refresh_scalars(record, names), smoothing_hint=False)
+
+    # the checkpoint's hook state, as always: the bank's instance sample and the harvest
     def state_dict(self) -> dict:
         ret = {} if self.instances is None else {"instances": self.instances}
         if self.harvest is not None:  # merged over ranks in after_step, before the save
