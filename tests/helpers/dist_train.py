@@ -21,6 +21,9 @@ CONFIG = __file__.rsplit("/helpers/", 1)[0] + "/configs/tiny_retinanet.yaml"
 
 
 def main(out_dir, config, opts):
+    # one thread in every process, as launch gives each of N processes: 1 and N processes then
+    # do the same float operations on an image
+    torch.set_num_threads(1)
     args = SimpleNamespace(
         config_file=config, opts=["OUTPUT_DIR", out_dir, *opts], eval_only=False, resume=False
     )
