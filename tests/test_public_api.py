@@ -177,8 +177,14 @@ def exported(module: str, name: str) -> bool:
 
 def _imported(module: str, name: str) -> object:
     """What ``from module import name`` gives: the attribute, else the submodule."""
-    obj = getattr(importlib.import_module(module), name, _MISSING)
-    if obj is _MISSING and importlib.util.find_spec(f"{module}.{name}") is not None:
+    parent = importlib.import_module(module)
+    obj = getattr(parent, name, _MISSING)
+    # only a package has submodules (a name another version lacks is no module either)
+    if (
+        obj is _MISSING
+        and hasattr(parent, "__path__")
+        and importlib.util.find_spec(f"{module}.{name}") is not None
+    ):
         obj = importlib.import_module(f"{module}.{name}")
     return obj
 
