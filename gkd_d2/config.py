@@ -66,6 +66,12 @@ def add_gkd_config(cfg: CN) -> CN:
     # not the unflipped image's, so the picks move further from full mode's). False: flipped
     # images are extracted at the refresh instead (about half the sample with RANDOM_FLIP)
     g.BANK_HARVEST_FLIPPED = True
+    # bank mode: where the teacher's row of a harvested instance comes from. "test_pipeline":
+    # the teacher's extraction of the unflipped test-time input (cached); "training_forward":
+    # the teacher's features of the same training forward, so that both rows of a pair see
+    # the same input (flip, scale). Rows not harvested come from the test pipeline either way,
+    # and so do the prototype vectors themselves
+    g.BANK_TEACHER_ROWS = "test_pipeline"
     # CUDA only: the refresh's extraction pass under autocast (fp16); picks can differ from fp32
     g.EXTRACT_AMP = False
     # the teacher's features of the sample, extracted once, kept in

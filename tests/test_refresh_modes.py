@@ -81,16 +81,20 @@ def bank_of(model) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("teacher_rows", ["test_pipeline", "training_forward"])
 @pytest.mark.parametrize("det", sorted(DETECTORS))
-def test_bank_mode_with_a_frozen_student_picks_as_full_mode(tmp_path, teachers, det):
+def test_bank_mode_with_a_frozen_student_picks_as_full_mode(tmp_path, teachers, det, teacher_rows):
     """One epoch of training at LR 0 (no flip, training size = test size, one image per batch
     as the refresh extracts them): the bank refresh selects on the harvested features of every
     sampled instance and re-extracts only the picked instances' images, and its bank is the
-    full refresh's, pick for pick. (With two images per training batch, the convolutions
-    round differently from one image's by about 1e-6, and the pursuit can break a near-tie the
-    other way on some CPUs.)"""
+    full refresh's, pick for pick; with the teacher's rows from the training forward too (the
+    same input as the test pipeline's here). (With two images per training batch, the
+    convolutions round differently from one image's by about 1e-6, and the pursuit can break a
+    near-tie the other way on some CPUs.)"""
     opts = [
         *FROZEN,
+        "MODEL.GKD.BANK_TEACHER_ROWS",
+        teacher_rows,
         "SOLVER.IMS_PER_BATCH",
         "1",
         "MODEL.GKD.REFRESH_PERIOD",

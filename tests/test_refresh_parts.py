@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 import gkd_d2  # noqa: F401
 from gkd_d2.distill import box_crop_mean, select_prototypes
 from gkd_d2.engine import feature_harvest as feature_harvest_module
-from gkd_d2.engine.feature_harvest import FeatureHarvest, latest_rows, placed_boxes
+from gkd_d2.engine.feature_harvest import FeatureHarvest, latest_rows
 from gkd_d2.engine.prototype_refresh import PrototypeRefresh
 from gkd_d2.engine.refresh_inputs import padded_size, planned_padded_size, refresh_batches
 from gkd_d2.engine.refresh_select import select_bank, selection_shares
@@ -23,6 +23,7 @@ from gkd_d2.engine.teacher_cache import (
     teacher_cache_key,
     tensor_digest,
 )
+from gkd_d2.engine.training_inputs import placed_boxes
 
 GKD_CFG = REPO / "tests" / "configs" / "tiny_gkd_retinanet.yaml"
 

@@ -6,5 +6,14 @@ from .launch import launch
 from .prototype_refresh import PrototypeRefresh
 from .teacher_check import TeacherCheck
 from .trainer import Trainer, setup_cfg
+from .training_inputs import TransformRecordingMapper
 
-__all__ = ["PrototypeRefresh", "TeacherCheck", "Trainer", "build_gkd_hooks", "launch", "setup_cfg"]
+__all__ = [
+    "PrototypeRefresh",
+    "TeacherCheck",
+    "Trainer",
+    "TransformRecordingMapper",
+    "build_gkd_hooks",
+    "launch",
+    "setup_cfg",
+]

@@ -1,28 +1,33 @@
 """Bank mode (MODEL.GKD.REFRESH_MODE "bank"): the student's features of the PGM sample, taken
-from the training forwards of an epoch instead of a separate pass over the sample.
+from the training forwards of an epoch instead of a separate pass over the sample, and, with
+MODEL.GKD.BANK_TEACHER_ROWS "training_forward", the teacher's of the same forwards.
 
 When a training batch holds an image of the fixed sample, each of its sampled boxes is pooled
 at every distilled level with the pooling r uses (``box_crop_mean``) on the features r is
 computed from (the training forward's, or the eval-mode descriptor pass's with train-mode BN).
-The box is placed by the batch's own resize and horizontal flip, read off the image's ground
-truth; an image whose ground truth matches neither (another augmentation, e.g. a crop), or a
-flipped one when flipped inputs are not harvested, is left to the refresh, which extracts it as
-in full mode. Each rank harvests its own batches; the
-rows are merged over ranks (latest iteration first, then lowest rank) before a checkpoint and
-at the refresh, so that every rank, and a resumed run, holds the same harvest.
+The box is placed by the batch's own resize and horizontal flip: as the training mapper
+recorded them (``TransformRecordingMapper``'s ``"applied_transforms"``), or else read off the
+image's ground truth. An image that cannot be placed (another augmentation, e.g. a crop), a
+flipped one when flipped inputs are not harvested, or, when the teacher's rows come from the
+test pipeline, one whose input size is not the test-time size (its student row would not pair
+with the teacher's), is left to the refresh, which extracts it as in full mode. Each rank
+harvests its own batches; the rows are merged over ranks (latest iteration first, then lowest
+rank) before a checkpoint and at the refresh, so that every rank, and a resumed run, holds the
+same harvest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from detectron2.data import transforms as T
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..distill import box_crop_mean
-
-# ground-truth and sampled boxes agree to float rounding; a wrong transform is pixels off
-MATCH_TOLERANCE_PX = 0.5
+from .training_inputs import placed_boxes, placed_by_transforms
 
 
 def latest_rows(rows: Tensor, iters: Tensor) -> Tensor:
@@ -58,56 +63,13 @@ def rows_by_image(image: Tensor) -> dict[int, Tensor]:
     return dict(zip(images.tolist(), order.split(counts.tolist())))
 
 
-def boxes_in_input(
-    boxes: Tensor, original_size: tuple[int, int], image_size: tuple[int, int]
-) -> Tensor:
-    """(n, 4) XYXY boxes of an original (H, W) image scaled to its resized input's (H, W), as
-    the test-time resize places them: one computation for the refresh and the harvest, so that
-    a harvested box is the extracted one to the bit."""
-    (h0, w0), (h, w) = original_size, image_size
-    return boxes * torch.tensor([w / w0, h / h0] * 2)
-
-
-def placed_boxes(
-    boxes: Tensor,
-    original_size: tuple[int, int],
-    image_size: tuple[int, int],
-    gt: Tensor,
-    allow_flip: bool = True,
-) -> Tensor | None:
-    """The sampled boxes of one image as they lie in its training input, or None.
-
-    The test-time placement scales by the input's size over the original (as the refresh
-    does); the training input may also be flipped horizontally. The placement under which
-    every box equals a ground-truth box (clipped to the image) is returned, unclipped, as the
-    refresh pools it; None when neither fits.
-
-    Args:
-        boxes: (n, 4) XYXY in original pixels.
-        original_size, image_size: (H, W) of the original image and of the input (unpadded).
-        gt: (G, 4) the input's ground-truth boxes.
-        allow_flip: False: a flipped input gives None.
-    """
-    h, w = image_size
-    scaled = boxes_in_input(boxes, original_size, image_size)
-    flipped = torch.stack([w - scaled[:, 2], scaled[:, 1], w - scaled[:, 0], scaled[:, 3]], 1)
-    limit = torch.tensor([w, h, w, h], dtype=scaled.dtype)
-    for placed in (scaled, flipped) if allow_flip else (scaled,):
-        clipped = torch.minimum(placed.clamp(min=0), limit)
-        if len(gt) and bool(
-            ((clipped[:, None, :] - gt[None].to(clipped)).abs().amax(2) < MATCH_TOLERANCE_PX)
-            .any(1)
-            .all()
-        ):
-            return placed
-    return None
-
-
 class FeatureHarvest:
-    """The student's box-crop features of the sample's instances, from training forwards.
+    """The student's (and optionally the teacher's) box-crop features of the sample's
+    instances, from training forwards.
 
     Call it (the model does, through ``DistilledDetector.feature_harvest``) with each training
-    forward's inputs, the features r is computed from, and the inputs' image sizes.
+    forward's inputs, the features r is computed from, the inputs' image sizes and, when
+    ``teacher_rows``, the teacher's features of the same forward.
 
     Args:
         instances: the PGM sample (``sample_instances``).
@@ -116,6 +78,10 @@ class FeatureHarvest:
         level_names, strides: the distilled levels.
         harvest_flipped: also harvest horizontally flipped inputs (their features are not the
             unflipped image's: bank mode's picks then move further from full mode's).
+        test_size: (H, W) original -> (H, W) of its test-time input; given, an input of
+            another size is not harvested (its teacher row comes from the test pipeline).
+        teacher_rows: also pool the teacher's features of the same forward, so that both rows
+            of an instance see the same input.
     """
 
     def __init__(
@@ -125,9 +91,12 @@ class FeatureHarvest:
         level_names: list[str],
         strides: list[int],
         harvest_flipped: bool = True,
+        test_size: Callable[[int, int], tuple[int, int]] | None = None,
+        teacher_rows: bool = False,
     ):
         self.instances = instances
         self.harvest_flipped = harvest_flipped
+        self.test_size, self.teacher_rows = test_size, teacher_rows
         self.level_names, self.strides = list(level_names), list(strides)
         self.rows_of = {
             file_names[i]: rows for i, rows in rows_by_image(instances["image"]).items()
@@ -141,16 +110,24 @@ class FeatureHarvest:
         model: torch.nn.Module,
         instances: dict[str, Tensor],
         dataset_dicts: list[dict],
-        harvest_flipped: bool = True,
+        cfg,
     ) -> FeatureHarvest:
         """The harvest of a GKD student's distilled levels, for the sample ``instances`` of the
-        training set ``dataset_dicts``."""
+        training set ``dataset_dicts``, as MODEL.GKD.BANK_* says."""
+        g, short, longest = cfg.MODEL.GKD, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+        teacher_rows = g.BANK_TEACHER_ROWS == "training_forward"
+
+        def test_size(h: int, w: int) -> tuple[int, int]:
+            return T.ResizeShortestEdge.get_output_shape(h, w, short, longest) if short else (h, w)
+
         return cls(
             instances,
             [d.get("file_name", str(i)) for i, d in enumerate(dataset_dicts)],
             list(model.distill_in_features),
             model.distiller.strides,
-            harvest_flipped,
+            g.BANK_HARVEST_FLIPPED,
+            None if teacher_rows else test_size,
+            teacher_rows,
         )
 
     def reset(self, since: int) -> None:
@@ -158,12 +135,34 @@ class FeatureHarvest:
         self.since = since
         self.unplaced = 0  # merged over ranks
         self._unplaced_local = 0  # this rank's, since the last merge
-        self.merged: tuple[Tensor, Tensor, list[Tensor]] = self._empty()
-        self.local: list[tuple[Tensor, Tensor, list[Tensor]]] = []
+        self.merged = self._empty()
+        self.local: list[tuple[Tensor, Tensor, list[Tensor], list[Tensor]]] = []
 
-    def _empty(self) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def _empty(self) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """(rows, iterations, student features per level, teacher features per level; the
+        latter empty when the teacher's rows are not harvested)."""
         z = torch.zeros(0, dtype=torch.long)
-        return z, z.clone(), [torch.zeros(0, 0) for _ in self.level_names]
+        teacher = [torch.zeros(0, 0) for _ in self.level_names] if self.teacher_rows else []
+        return z, z.clone(), [torch.zeros(0, 0) for _ in self.level_names], teacher
+
+    def placed(self, x: dict, image_size: tuple[int, int]) -> Tensor | None:
+        """The sampled boxes of training input ``x`` (a sampled image) as they lie in it, or
+        None when it is left to the refresh's extraction."""
+        sel = self.rows_of[x["file_name"]]
+        h, w = image_size
+        original = (x.get("height", h), x.get("width", w))
+        if self.test_size is not None and tuple(self.test_size(*original)) != (h, w):
+            return None  # another scale than the teacher's test-pipeline row
+        if "applied_transforms" in x:
+            return placed_by_transforms(
+                self.instances["box"][sel],
+                original,
+                (h, w),
+                x["applied_transforms"],
+                self.harvest_flipped,
+            )
+        gt = x["instances"].gt_boxes.tensor if "instances" in x else torch.zeros(0, 4)
+        return placed_boxes(self.instances["box"][sel], original, (h, w), gt, self.harvest_flipped)
 
     @torch.no_grad()
     def __call__(
@@ -171,24 +170,31 @@ class FeatureHarvest:
         batched_inputs: list[dict],
         features: dict[str, Tensor],
         image_sizes: list[tuple[int, int]],
+        teacher_features: dict[str, Tensor] | None = None,
     ) -> None:
+        """Pool the sampled boxes of a training forward's sampled images.
+
+        Args:
+            batched_inputs: the forward's inputs (dataset dicts after the mapper).
+            features: level name -> (B, C_S, H, W) the features r is computed from.
+            image_sizes: (H, W) of each input, unpadded.
+            teacher_features: level name -> (B, C_T, H', W') the teacher's features of the same
+                inputs; needed when the teacher's rows are harvested.
+        """
+        if self.teacher_rows and teacher_features is None:
+            raise ValueError(
+                "MODEL.GKD.BANK_TEACHER_ROWS 'training_forward' harvests the teacher's features "
+                "of the training forward, but the model handed none to the harvest"
+            )
         boxes, batch_idx, rows = [], [], []
         for j, x in enumerate(batched_inputs):
-            sel = self.rows_of.get(x.get("file_name"))
-            if sel is None:
+            if x.get("file_name") not in self.rows_of:
                 continue
-            gt = x["instances"].gt_boxes.tensor if "instances" in x else torch.zeros(0, 4)
-            h, w = image_sizes[j]
-            placed = placed_boxes(
-                self.instances["box"][sel],
-                (x.get("height", h), x.get("width", w)),
-                (h, w),
-                gt,
-                self.harvest_flipped,
-            )
+            placed = self.placed(x, image_sizes[j])
             if placed is None:
                 self._unplaced_local += 1
                 continue
+            sel = self.rows_of[x["file_name"]]
             boxes.append(placed)
             batch_idx.append(torch.full((len(sel),), j, dtype=torch.long))
             rows.append(sel)
@@ -196,49 +202,67 @@ class FeatureHarvest:
             return
         device = features[self.level_names[0]].device
         boxes_t, bidx = torch.cat(boxes).to(device), torch.cat(batch_idx).to(device)
+
         # kept on the device until merged: no host synchronisation in the step
-        feats = [
-            box_crop_mean(features[n].detach(), boxes_t, bidx, s).float()
-            for n, s in zip(self.level_names, self.strides)
-        ]
+        def pooled(maps: dict[str, Tensor]) -> list[Tensor]:
+            return [
+                box_crop_mean(maps[n].detach(), boxes_t, bidx, s).float()
+                for n, s in zip(self.level_names, self.strides)
+            ]
+
+        teacher = pooled(teacher_features) if self.teacher_rows else []
         rows_t = torch.cat(rows)
         iters = torch.full_like(rows_t, get_event_storage().iter)
-        self.local.append((rows_t, iters, feats))
+        self.local.append((rows_t, iters, pooled(features), teacher))
 
     def merge(self) -> None:
         """Merge every rank's new rows into the harvest all ranks hold (collective)."""
         if self.local:
-            rows = torch.cat([r.cpu() for r, _, _ in self.local])
-            iters = torch.cat([i.cpu() for _, i, _ in self.local])
-            feats = [
-                torch.cat([f[k] for _, _, f in self.local]).cpu()
-                for k in range(len(self.level_names))
-            ]
+            rows = torch.cat([part[0].cpu() for part in self.local])
+            iters = torch.cat([part[1].cpu() for part in self.local])
+            feats, teacher = (
+                [torch.cat([part[m][k] for part in self.local]).cpu() for k in range(levels)]
+                for m, levels in ((2, len(self.level_names)), (3, len(self.local[0][3])))
+            )
         else:
-            rows, iters, feats = self._empty()
+            rows, iters, feats, teacher = self._empty()
         self.local = []
-        parts = comm.all_gather((rows, iters, feats, self._unplaced_local))
-        self.unplaced += sum(p[3] for p in parts)
+        parts = comm.all_gather((rows, iters, feats, teacher, self._unplaced_local))
+        self.unplaced += sum(p[4] for p in parts)
         self._unplaced_local = 0
-        parts = [self.merged] + [p[:3] for p in parts]
+        parts = [self.merged] + [p[:4] for p in parts]
         parts = [p for p in parts if len(p[0])]
         if not parts:
             return
         rows = torch.cat([p[0] for p in parts])
         iters = torch.cat([p[1] for p in parts])
         keep = latest_rows(rows, iters)
-        feats = [torch.cat([p[2][k] for p in parts])[keep] for k in range(len(self.level_names))]
-        self.merged = (rows[keep], iters[keep], feats)
+        feats, teacher = (
+            [torch.cat([p[m][k] for p in parts])[keep] for k in range(len(parts[0][m]))]
+            for m in (2, 3)
+        )
+        self.merged = (rows[keep], iters[keep], feats, teacher)
 
     def rows(self) -> tuple[Tensor, list[Tensor]]:
-        """The merged harvest: (n,) sample rows and per level their (n, C) features."""
+        """The merged harvest: (n,) sample rows and per level their (n, C_S) features."""
         return self.merged[0], self.merged[2]
+
+    def teacher_rows_of(self) -> list[Tensor]:
+        """Per level the (n, C_T) teacher features of :meth:`rows`' rows (``teacher_rows``)."""
+        return self.merged[3]
 
     def state_dict(self) -> dict:
         """The merged part (call :meth:`merge` first on all ranks to include everything)."""
-        rows, iters, feats = self.merged
-        return {"since": self.since, "rows": rows, "iters": iters, "features": feats}
+        rows, iters, feats, teacher = self.merged
+        state = {"since": self.since, "rows": rows, "iters": iters, "features": feats}
+        if self.teacher_rows:
+            state["teacher_features"] = teacher
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.reset(int(state["since"]))
-        self.merged = (state["rows"], state["iters"], list(state["features"]))
+        teacher = list(state.get("teacher_features", []))
+        if self.teacher_rows and len(teacher) != len(self.level_names):
+            # a harvest saved without the teacher's rows cannot pair them: start over
+            return
+        self.merged = (state["rows"], state["iters"], list(state["features"]), teacher)

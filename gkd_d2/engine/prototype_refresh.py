@@ -41,12 +41,13 @@ from .gkd_model import gkd_model_of
 from .refresh_extract import SampleExtraction, SampleFeatures, evaluating
 from .refresh_report import RefreshRecord, log_refresh, metric_class_names, refresh_scalars
 from .refresh_sample import configured_sample
-from .refresh_select import select_bank
+from .refresh_select import paired_teacher_rows, select_bank
 from .teacher_cache import FILE_NAME, TeacherFeatureCache
 
 logger = logging.getLogger(__name__)
 
 REFRESH_MODES = ("full", "bank")
+BANK_TEACHER_ROWS = ("test_pipeline", "training_forward")
 
 
 class PrototypeRefresh(HookBase):
@@ -64,6 +65,11 @@ class PrototypeRefresh(HookBase):
         if self.mode not in REFRESH_MODES:
             raise ValueError(
                 f"MODEL.GKD.REFRESH_MODE must be one of {REFRESH_MODES}, not {self.mode!r}"
+            )
+        if cfg.MODEL.GKD.BANK_TEACHER_ROWS not in BANK_TEACHER_ROWS:
+            raise ValueError(
+                f"MODEL.GKD.BANK_TEACHER_ROWS must be one of {BANK_TEACHER_ROWS}, not "
+                f"{cfg.MODEL.GKD.BANK_TEACHER_ROWS!r}"
             )
         self._teacher_features: list[Tensor] | None = None
         self.teacher_cache = TeacherFeatureCache(
@@ -142,11 +148,14 @@ class PrototypeRefresh(HookBase):
         student = SampleFeatures(len(inst["cls"]))
         harvested = self.gather_harvest(int(bank.bank_iter))
         if harvested is not None:
-            student.fill(*harvested, current=False)
+            student.fill(*harvested[:2], current=False)
         with evaluating(model), preserved_rng():
             self.gather_student_features(student, ~student.have)
             teacher = self.gather_teacher_features(images)
-            picked = self.gather_picks(student.levels, teacher)
+            # BANK_TEACHER_ROWS "training_forward": a harvested instance is selected on the
+            # teacher's row of the same training input as its student row
+            paired = teacher if harvested is None else paired_teacher_rows(teacher, harvested)
+            picked = self.gather_picks(student.levels, paired)
             # the prototypes themselves from the current student (bank mode: the picks
             # came from harvested features up to a period old)
             rows = torch.cat([p for per_class in picked for p in per_class])
@@ -159,9 +168,10 @@ class PrototypeRefresh(HookBase):
         self._put_scalars(record)
 
     # ---- the refresh's steps -------------------------------------------------------------------
-    def gather_harvest(self, bank_iter: int) -> tuple[Tensor, list[Tensor]] | None:
+    def gather_harvest(self, bank_iter: int) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
         """Bank mode: the rows every rank harvested since the refresh of the bank in use,
-        merged over the ranks (all-gather), or None."""
+        merged over the ranks (all-gather): (n,) rows, per level their student features and
+        their teacher features (empty unless BANK_TEACHER_ROWS "training_forward"); or None."""
         if self.harvest is None:
             return None
         self.harvest.merge()
@@ -170,7 +180,7 @@ class PrototypeRefresh(HookBase):
         if self.harvest.since != bank_iter or len(rows) == 0:
             return None
         self.last_counts["harvested"] = len(rows)
-        return rows, feats
+        return rows, feats, self.harvest.teacher_rows_of()
 
     def gather_student_features(self, table: SampleFeatures, rows: Tensor) -> None:
         """Fill ``table`` with the student's features of the images that hold the sample's
@@ -220,8 +230,7 @@ class PrototypeRefresh(HookBase):
         if self.mode != "bank" or self.harvest is not None:
             return
         model = self.student()
-        flipped = self.cfg.MODEL.GKD.BANK_HARVEST_FLIPPED
-        self.harvest = FeatureHarvest.of_model(model, self.instances, self.dataset_dicts, flipped)
+        self.harvest = FeatureHarvest.of_model(model, self.instances, self.dataset_dicts, self.cfg)
         if self._harvest_state is not None:
             self.harvest.load_state_dict(self._harvest_state)
             self._harvest_state = None

@@ -21,9 +21,10 @@ from detectron2.utils import comm
 from torch import Tensor, nn
 
 from ..distill import box_crop_mean
-from .feature_harvest import boxes_in_input, rows_by_image
+from .feature_harvest import rows_by_image
 from .refresh_inputs import Batch, refresh_batches
 from .teacher_cache import TeacherFeatureCache, teacher_cache_key
+from .training_inputs import boxes_in_input
 
 logger = logging.getLogger(__name__)
 

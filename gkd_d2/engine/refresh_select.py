@@ -64,3 +64,18 @@ def select_bank(
     for part in comm.all_gather(mine):
         solved.update(part)
     return [[solved[c * num_levels + lvl] for lvl in range(num_levels)] for c in range(num_classes)]
+
+
+def paired_teacher_rows(
+    teacher: list[Tensor], harvested: tuple[Tensor, list[Tensor], list[Tensor]]
+) -> list[Tensor]:
+    """The teacher's features of the sample for selection: per level (N, C_T), the harvested
+    teacher rows (same training input as the student's) in place of the test pipeline's;
+    ``teacher`` itself when no teacher row was harvested."""
+    rows, _, harvested_teacher = harvested
+    if not harvested_teacher:
+        return teacher
+    out = [t.clone() for t in teacher]
+    for t, h in zip(out, harvested_teacher):
+        t[rows] = h.to(t)
+    return out

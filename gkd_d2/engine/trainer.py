@@ -30,6 +30,7 @@ from ..schedule import train_dataset_dicts
 from .evaluators import build_evaluator
 from .gkd_model import unwrap_ddp
 from .hooks import build_gkd_hooks
+from .training_inputs import TransformRecordingMapper
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,10 @@ class Trainer(DefaultTrainer):
         if seed is None:
             seed = train_sampler_seed(cfg)
         sampler = ResumableTrainingSampler(len(dataset), seed=seed, skip=start_iter * per_rank)
-        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
+        # detectron2's mapper, which also hands over the transforms it drew (bank mode places
+        # the sampled boxes by them)
+        mapper = TransformRecordingMapper(cfg, is_train=True)
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=mapper)
 
     def train(self) -> dict | None:
         """Train; return the final evaluation results (detectron2 0.6 returns them only when

@@ -115,6 +115,8 @@ class StepRecord:
     proposals: list | None = None
     pooled: Tensor | None = None
     predictions: tuple | None = None
+    # the teacher's backbone features of the same inputs, once the distillation computed them
+    teacher_features: dict[str, Tensor] | None = None
 
 
 class DistilledDetector:
@@ -149,7 +151,7 @@ class DistilledDetector:
         self.current_step: StepRecord | None = None
         # bank mode: called with each training forward's inputs, the features r is computed
         # from and the inputs' sizes (the refresh hook's FeatureHarvest); None: nothing harvested
-        self.feature_harvest: Callable[[list[dict], dict[str, Tensor], list], None] | None = None
+        self.feature_harvest: Callable[..., None] | None = None
         # BN layers of the distilled path (the backbone, FPN included): in train mode they make
         # the training forward's features differ from the eval-mode ones the prototypes are
         # extracted with (PrototypeRefresh), so r needs an eval-mode pass (descriptor_features)
@@ -346,10 +348,13 @@ class DistilledDetector:
         self, step: StepRecord, features: dict[str, Tensor], image_sizes: list[tuple[int, int]]
     ) -> None:
         """Hand the features r is computed from (the descriptor pass's, else the training
-        forward's ``features``) to :attr:`feature_harvest`, when one is set (bank mode)."""
+        forward's ``features``), and the teacher's of the same inputs, to
+        :attr:`feature_harvest`, when one is set (bank mode)."""
         if self.feature_harvest is not None:
             descriptors = features if step.descriptors is None else step.descriptors
-            self.feature_harvest(step.batched_inputs, descriptors, image_sizes)
+            self.feature_harvest(
+                step.batched_inputs, descriptors, image_sizes, step.teacher_features
+            )
 
     def attenuation(self) -> float:
         """a(e) of the current iteration's epoch (1 without a schedule)."""

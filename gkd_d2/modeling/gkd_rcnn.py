@@ -20,7 +20,12 @@ from torch import Tensor
 
 from ..compat import assign_boxes_to_levels
 from ..distill import assign_levels
-from .distilled_detector import DistilledDetector, gt_areas_in_original, matched_gt_rows
+from .distilled_detector import (
+    DistilledDetector,
+    StepRecord,
+    gt_areas_in_original,
+    matched_gt_rows,
+)
 from .distiller import GKDDistiller
 from .recorders import forward_inputs, forward_outputs, method_outputs
 
@@ -155,7 +160,6 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
             forward_outputs(heads.box_predictor, lambda x: setattr(step, "predictions", x)),
         ):
             losses = super().forward(batched_inputs)
-        self.harvest_features(step, step.features, [p.image_size for p in step.proposals])
         losses.update(
             self.distillation_losses(
                 batched_inputs,
@@ -165,8 +169,11 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
                 step.predictions[0],
                 step.descriptors,
                 step.gt_instances,
+                step,
             )
         )
+        # after the distillation: the teacher's features of this batch are known then
+        self.harvest_features(step, step.features, [p.image_size for p in step.proposals])
         return losses
 
     def distillation_losses(
@@ -178,12 +185,14 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         logits: Tensor,
         descriptors: dict[str, Tensor] | None = None,
         gt_instances: list[Instances] | None = None,
+        step: StepRecord | None = None,
     ) -> dict[str, Tensor]:
         """GKD losses from the sampled proposals, their pooled (R, C, h, w) features and their
         (R, K + 1) logits (rows in the proposals' image-major order); ``descriptors``: the
         backbone features r is computed from when they are not ``features``
         (``descriptor_features``); ``gt_instances``: the batch's ground truth on the model's
-        device (default: the inputs' own, moved there)."""
+        device (default: the inputs' own, moved there); ``step``: the step's record, which gets
+        the teacher's features (bank mode's harvest)."""
         heads = self.roi_heads
         rows, batch_idx, boxes, classes = positive_proposals(proposals, heads.num_classes)
         # each positive's matched ground truth (r by size group): the sampler's gt_boxes
@@ -202,6 +211,8 @@ class GKDRCNN(DistilledDetector, GeneralizedRCNN):
         )
         gt_areas = gt_areas_in_original(gt_instances, batched_inputs).to(boxes.device)
         teacher_all, _ = self.teacher.features(batched_inputs)
+        if step is not None:
+            step.teacher_features = teacher_all
         per_image = boxes_per_image(boxes, batch_idx, len(proposals))
         teacher_logits, teacher_pooled = self.teacher.roi_logits(teacher_all, per_image)
         if len(heads.box_in_features) > 1:

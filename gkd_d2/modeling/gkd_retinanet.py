@@ -16,7 +16,12 @@ from torch import Tensor
 
 from ..compat import permute_to_N_HWA_K
 from ..distill import assign_levels
-from .distilled_detector import DistilledDetector, gt_areas_in_original, matched_gt_rows
+from .distilled_detector import (
+    DistilledDetector,
+    StepRecord,
+    gt_areas_in_original,
+    matched_gt_rows,
+)
 from .distiller import GKDDistiller
 
 
@@ -95,7 +100,6 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
         losses = super().forward_training(images, features, predictions, gt_instances)
         self.loss_normalizer_ema.fill_(self.loss_normalizer)
         step = self.current_step
-        self.harvest_features(step, dict(zip(self.head_in_features, features)), images.image_sizes)
         pred_logits = [permute_to_N_HWA_K(x, self.num_classes) for x in predictions[0]]
         losses.update(
             self.distillation_losses(
@@ -108,8 +112,11 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
                 if step.descriptors is None
                 else [step.descriptors[f] for f in self.head_in_features],
                 (step.matched_gt_boxes, gt_instances),
+                step,
             )
         )
+        # after the distillation: the teacher's features of this batch are known then
+        self.harvest_features(step, dict(zip(self.head_in_features, features)), images.image_sizes)
         return losses
 
     def distillation_losses(
@@ -121,10 +128,14 @@ class GKDRetinaNet(DistilledDetector, RetinaNet):
         gt_labels: list[Tensor],
         descriptor_feats: list[Tensor] | None = None,
         ground_truth: tuple[list[Tensor], list] | None = None,
+        step: StepRecord | None = None,
     ) -> dict[str, Tensor]:
         """GKD losses of the positive anchors; ``ground_truth``: ``label_anchors``' matched
-        ground-truth boxes and the batch's ground-truth ``Instances`` (for r by size group)."""
+        ground-truth boxes and the batch's ground-truth ``Instances`` (for r by size group);
+        ``step``: the step's record, which gets the teacher's features (bank mode's harvest)."""
         teacher_all, _ = self.teacher.features(batched_inputs)
+        if step is not None:
+            step.teacher_features = teacher_all
         teacher_features = [teacher_all[f] for f in self.distill_in_features]
         teacher_logits = [
             permute_to_N_HWA_K(x, self.num_classes)
