@@ -63,6 +63,12 @@ def rows_by_image(image: Tensor) -> dict[int, Tensor]:
     return dict(zip(images.tolist(), order.split(counts.tolist())))
 
 
+def per_level_cat(parts: list[tuple], field: int) -> list[Tensor]:
+    """Per level, the ``field``-th entry of every part (a list of per-level tensors, empty
+    when nothing was pooled for it) concatenated over the parts."""
+    return [torch.cat([p[field][k] for p in parts]) for k in range(len(parts[0][field]))]
+
+
 class FeatureHarvest:
     """The student's (and optionally the teacher's) box-crop features of the sample's
     instances, from training forwards.
@@ -220,10 +226,8 @@ class FeatureHarvest:
         if self.local:
             rows = torch.cat([part[0].cpu() for part in self.local])
             iters = torch.cat([part[1].cpu() for part in self.local])
-            feats, teacher = (
-                [torch.cat([part[m][k] for part in self.local]).cpu() for k in range(levels)]
-                for m, levels in ((2, len(self.level_names)), (3, len(self.local[0][3])))
-            )
+            feats = [f.cpu() for f in per_level_cat(self.local, 2)]
+            teacher = [f.cpu() for f in per_level_cat(self.local, 3)]
         else:
             rows, iters, feats, teacher = self._empty()
         self.local = []
@@ -237,10 +241,8 @@ class FeatureHarvest:
         rows = torch.cat([p[0] for p in parts])
         iters = torch.cat([p[1] for p in parts])
         keep = latest_rows(rows, iters)
-        feats, teacher = (
-            [torch.cat([p[m][k] for p in parts])[keep] for k in range(len(parts[0][m]))]
-            for m in (2, 3)
-        )
+        feats = [f[keep] for f in per_level_cat(parts, 2)]
+        teacher = [f[keep] for f in per_level_cat(parts, 3)]
         self.merged = (rows[keep], iters[keep], feats, teacher)
 
     def rows(self) -> tuple[Tensor, list[Tensor]]:
