@@ -155,21 +155,76 @@ def _closest_keys(key: str, keys: list[str]) -> list[str]:
     return difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
 
 
+def _integers_as_floats(cfg: CfgNode, loaded: dict, prefix: str = "") -> dict:
+    """``loaded`` (a config's nested dict) with an integer given for a float key of ``cfg``
+    turned into that float (yacs refuses ``MIN_AP: 0`` for a float ``MIN_AP``)."""
+    out = {}
+    for k, v in loaded.items():
+        current = cfg.get(k) if isinstance(cfg, CfgNode) else None
+        if isinstance(v, dict):
+            v = _integers_as_floats(current, v, f"{prefix}{k}.")
+        elif isinstance(current, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        out[k] = v
+    return out
+
+
+def _float_overrides(cfg: CfgNode, opts: Sequence) -> list:
+    """``KEY VALUE`` overrides with an integer value for a float key written as a float."""
+    import ast
+
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        node: object = cfg
+        for part in str(opts[i]).split("."):
+            node = node.get(part) if isinstance(node, CfgNode) else None
+        value = opts[i + 1]
+        if isinstance(node, float) and isinstance(value, str):
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(parsed, int) and not isinstance(parsed, bool):
+                opts[i + 1] = repr(float(parsed))
+        elif isinstance(node, float) and isinstance(value, int) and not isinstance(value, bool):
+            opts[i + 1] = float(value)
+    return opts
+
+
+def _merge_file_integers_as_floats(cfg: CfgNode, config_file: str) -> None:
+    """``cfg.merge_from_file(config_file)``, an integer for a float key read as that float."""
+    try:
+        cfg.merge_from_file(config_file)
+        return
+    except ValueError as e:
+        if "Type mismatch" not in str(e) or "'int'" not in str(e):
+            raise
+    # detectron2 reads the _BASE_ chain into one dict; the merge that failed wrote only keys
+    # that this whole merge writes again
+    loaded = cfg.load_yaml_with_base(config_file, allow_unsafe=True)
+    if loaded.get("VERSION", cfg.VERSION) != cfg.VERSION:
+        cfg.merge_from_file(config_file)  # an old-version file: detectron2's upgrade path
+        return
+    cfg.merge_from_other_cfg(type(cfg)(_integers_as_floats(cfg, loaded)))
+
+
 def merge_config(cfg: CfgNode, config_file: str | None = None, opts: Sequence = ()) -> None:
     """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, raising
     :class:`ConfigError` that names the file or the override, the key, and the closest existing
-    keys, instead of yacs' bare ``KeyError``/``AssertionError``."""
-    for source, merge, arg in (
+    keys, instead of yacs' bare ``KeyError``/``AssertionError``. An integer given for a float
+    key (``MODEL.TEACHER.MIN_AP 0``) is taken as that float."""
+    for source, merge, arg, is_file in (
         (
             f"config file {config_file!r} (or a file it names in _BASE_)",
-            cfg.merge_from_file,
+            functools.partial(_merge_file_integers_as_floats, cfg),
             config_file,
+            True,
         ),
-        ("the KEY VALUE overrides", cfg.merge_from_list, list(opts)),
+        ("the KEY VALUE overrides", cfg.merge_from_list, _float_overrides(cfg, opts), False),
     ):
         if arg is None:
             continue
-        if merge == cfg.merge_from_file and not PathManager.isfile(arg):
+        if is_file and not PathManager.isfile(arg):
             raise ConfigError(
                 f"Config file {arg!r} does not exist (relative paths start at {os.getcwd()!r})"
             )
@@ -191,8 +246,24 @@ def merge_config(cfg: CfgNode, config_file: str | None = None, opts: Sequence = 
             elif "Type mismatch" in msg:
                 hint = " Give a value of the key's type (quote lists and tuples: '(\"a\",)')."
             raise ConfigError(f"Cannot merge {source}: {msg.rstrip('.!')}.{hint}") from None
-        if merge == cfg.merge_from_file and "TEACHER" in cfg.MODEL:
+        if is_file and "TEACHER" in cfg.MODEL:
             resolve_teacher_config_file(cfg, arg)
+
+
+# the clone's configs/ folder (gkd_d2 is installed editable from it): the shipped GKD configs name
+# their teachers relative to it (e.g. "voc/retinanet_R_101_FPN.yaml"), as detectron2's model zoo
+# names its configs relative to its own folder
+PROJECT_CONFIGS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
+)
+
+
+def shipped_config(name: str) -> str | None:
+    """The absolute path of the config ``name`` of gkd_d2's ``configs/`` folder, or None."""
+    if not name or os.path.isabs(name) or "://" in name:
+        return None
+    path = os.path.join(PROJECT_CONFIGS, name)
+    return path if os.path.isfile(path) else None
 
 
 def _yaml_setting_teacher_config(config_file: str) -> str | None:
@@ -216,9 +287,10 @@ def _yaml_setting_teacher_config(config_file: str) -> str | None:
 
 def resolve_teacher_config_file(cfg: CfgNode, config_file: str) -> None:
     """Resolve a relative MODEL.TEACHER.CONFIG_FILE set by ``config_file`` (or a yaml of its
-    ``_BASE_`` chain) as ``_BASE_`` is resolved: relative to the yaml that names it. Where no
-    such file exists the value stays as it is (a path from the current folder, or a detectron2
-    model-zoo name, which ``gkd_d2.teacher`` tries next)."""
+    ``_BASE_`` chain) as ``_BASE_`` is resolved, relative to the yaml that names it; else a
+    file of the current folder stays as it is; else a config of gkd_d2's ``configs/`` folder
+    of that name. Where none exists the value stays (a detectron2 model-zoo name, which
+    ``gkd_d2.teacher`` tries next)."""
     name = cfg.MODEL.TEACHER.CONFIG_FILE
     if not name or os.path.isabs(name) or "://" in name:
         return
@@ -228,6 +300,8 @@ def resolve_teacher_config_file(cfg: CfgNode, config_file: str) -> None:
     candidate = os.path.join(os.path.dirname(origin), name)
     if os.path.isfile(candidate):
         cfg.MODEL.TEACHER.CONFIG_FILE = os.path.abspath(candidate)
+    elif not os.path.isfile(name) and shipped_config(name):
+        cfg.MODEL.TEACHER.CONFIG_FILE = shipped_config(name)
 
 
 def load_config(config_file: str | None = None, opts: Sequence = ()) -> CfgNode:

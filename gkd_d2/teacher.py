@@ -21,7 +21,7 @@ from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointLoadError, GKDCheckpointer, nearby_checkpoints
-from .config import ConfigError, check_supported, load_config
+from .config import PROJECT_CONFIGS, ConfigError, check_supported, load_config, shipped_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,19 @@ class TeacherLoadError(RuntimeError):
 
 
 def _resolve_config_file(name: str) -> str:
-    """A yaml path as is (``load_config`` has already made a path that a yaml names relative
-    to that yaml), else the path of a detectron2 model-zoo config of that name."""
+    """The teacher's config file of ``name``: a yaml path as is (``load_config`` has already
+    made a path that a yaml names relative to that yaml), else a config of this project's
+    ``configs/`` folder of that name, else a detectron2 model-zoo config of that name.
+
+    The project folder makes detectron2's own idiom (``get_cfg(); add_gkd_config(cfg);
+    cfg.merge_from_file(f)``, which does not resolve the name against ``f``) work on the
+    shipped configs from any current folder.
+    """
     if os.path.isfile(name):
         return name
+    shipped = shipped_config(name)
+    if shipped:
+        return shipped
     # imported here: model_zoo imports pkg_resources, which setuptools >= 81 lacks, and a
     # teacher config given as a path never needs it
     from detectron2.model_zoo import get_config_file
@@ -51,8 +60,9 @@ def _resolve_config_file(name: str) -> str:
         # user's real problem, so say that.
         raise FileNotFoundError(
             f"MODEL.TEACHER.CONFIG_FILE={name!r} is neither a file (a path relative to the yaml "
-            "that names it, or to the current folder) nor a detectron2 model-zoo config (e.g. "
-            "'COCO-Detection/retinanet_R_101_FPN_3x.yaml')"
+            f"that names it, or to the current folder {os.getcwd()!r}), nor a config of "
+            f"gkd_d2's configs folder ({PROJECT_CONFIGS!r}), nor a detectron2 model-zoo config "
+            "(e.g. 'COCO-Detection/retinanet_R_101_FPN_3x.yaml')"
         ) from None
 
 

@@ -74,3 +74,48 @@ def test_teacher_config_file_is_relative_to_the_yaml_that_names_it(tmp_path, mon
     # a model-zoo name (no such file next to the yaml) is left for the model zoo
     zoo = load_config(str(REPO / "configs" / "gkd.yaml"))
     assert zoo.MODEL.TEACHER.CONFIG_FILE == "COCO-Detection/retinanet_R_101_FPN_3x.yaml"
+
+
+GKD_CONFIGS = [p for p in CONFIGS if load_config(str(p)).MODEL.META_ARCHITECTURE.startswith("GKD")]
+
+
+@pytest.mark.parametrize(
+    "path", GKD_CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in GKD_CONFIGS]
+)
+def test_detectron2_config_idiom_resolves_the_teacher_from_another_folder(
+    path, tmp_path, monkeypatch
+):
+    """``get_cfg(); add_gkd_config(cfg); cfg.merge_from_file(f)`` (TridentNet's and PointRend's
+    train_net.py) leaves a relative teacher name unresolved; from a folder that holds none of
+    the configs, the teacher still resolves, to the config that gkd_d2.load_config gives."""
+    from detectron2.config import get_cfg
+
+    from gkd_d2 import add_gkd_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = get_cfg()
+    add_gkd_config(cfg)
+    cfg.merge_from_file(str(path))
+    teacher = load_teacher_cfg(cfg)
+    assert teacher.dump() == load_teacher_cfg(load_config(str(path))).dump()
+
+
+def test_an_integer_is_accepted_for_a_float_key(tmp_path):
+    """``MODEL.TEACHER.MIN_AP 0``, as the teacher check's error advises, and ``MIN_AP: 0`` in a
+    yaml: the float 0.0; an integer key still refuses a float."""
+    from gkd_d2.config import ConfigError
+
+    quick = str(REPO / "configs" / "quickstart_gkd_retinanet_cpu.yaml")
+    cfg = load_config(quick, ["MODEL.TEACHER.MIN_AP", "0", "MODEL.GKD.BG_WEIGHT", "2"])
+    assert cfg.MODEL.TEACHER.MIN_AP == 0.0 and isinstance(cfg.MODEL.TEACHER.MIN_AP, float)
+    assert cfg.MODEL.GKD.BG_WEIGHT == 2.0 and isinstance(cfg.MODEL.GKD.BG_WEIGHT, float)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f'_BASE_: "{quick}"\nMODEL:\n  TEACHER:\n    MIN_AP: 0\n')
+    from_file = load_config(str(mine))
+    assert from_file.MODEL.TEACHER.MIN_AP == 0.0 and isinstance(
+        from_file.MODEL.TEACHER.MIN_AP, float
+    )
+    # the rest of the file and its _BASE_ chain merged as detectron2 would
+    assert from_file.dump() == load_config(quick, ["MODEL.TEACHER.MIN_AP", "0.0"]).dump()
+    with pytest.raises(ConfigError, match=r"Type mismatch .* SOLVER\.MAX_ITER"):
+        load_config(quick, ["SOLVER.MAX_ITER", "1.5"])
