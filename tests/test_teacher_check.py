@@ -1,6 +1,9 @@
 """The teacher check: the teacher's AP on a seeded subset before iteration 0, and its floor."""
 
+import importlib
 import logging
+import math
+import re
 
 import pytest
 import torch
@@ -62,6 +65,81 @@ def test_a_one_iteration_teacher_is_refused_before_iteration_0(tmp_path, one_ite
     assert not (tmp_path / "model_final.pth").exists()
 
 
+def test_what_the_refusal_advises_works(tmp_path, one_iteration_teacher, monkeypatch):
+    """The refusal's two pieces of advice, followed as written: its command evaluates the
+    teacher alone on the check's dataset, and its MIN_AP override lets the run distil."""
+    import shlex
+
+    from detectron2.engine import default_argument_parser
+
+    trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "1.0")
+    with pytest.raises(TeacherCheckError) as e:
+        trainer.train()
+    message = str(e.value)
+    command = re.search(r"Evaluate it alone: (python .*?) \. ", message)[1]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train_net.py"], command
+    monkeypatch.chdir(tmp_path)  # its results go to the teacher config's OUTPUT_DIR
+    train_net = importlib.import_module("train_net")
+    results = train_net.main(default_argument_parser().parse_args(words[2:]))
+    ap = trainer.storage.histories()["gkd/teacher_ap"].latest()
+    assert 0.0 <= results["bbox"]["AP"] < 1.0 or math.isnan(results["bbox"]["AP"])
+    assert f"bbox AP {ap:.2f}" in message
+    # "set MODEL.TEACHER.MIN_AP 0 to distil anyway", as written
+    key, value = re.search(r"set (MODEL\.TEACHER\.MIN_AP) (\S+) to distil anyway", message).groups()
+    distils = gkd_trainer(tmp_path / "anyway", one_iteration_teacher, key, value)
+    distils.train()
+    assert "loss_gkd_fg" in distils.storage.histories()
+
+
+def test_a_student_start_no_worse_than_the_teacher_is_warned_about(
+    tmp_path, one_iteration_teacher, caplog, monkeypatch
+):
+    """With MODEL.WEIGHTS, the student as loaded is scored on the same images; a teacher that
+    is not better than it is named in a warning with both APs, and training goes on."""
+    start = tmp_path / "student_start.pth"
+    torch.manual_seed(0)
+    model = gkd_trainer(tmp_path / "build", one_iteration_teacher).model
+    torch.save({"model": model.state_dict()}, start)
+    weights = ("MODEL.WEIGHTS", str(start), "MODEL.TEACHER.MIN_AP", "0")
+    trainer = gkd_trainer(tmp_path / "weak", one_iteration_teacher, *weights)
+    trainer.model.teacher.model.forward = nothing  # 0 AP: the student is not worse
+    with teacher_check_log(caplog, monkeypatch):
+        trainer.train()
+    history = trainer.storage.histories()
+    student_ap = history["gkd/student_start_ap"].latest()
+    assert history["gkd/teacher_ap"].latest() == 0.0 and student_ap >= 0.0
+    assert (
+        f"The teacher (0.00 AP) is not better than the student it starts from ({student_ap:.2f} "
+        "AP) on 8 images of gkd_scenes_tiny_val" in caplog.text
+    )
+    assert "loss_gkd_fg" in history
+    # a teacher better than the start: scored, no warning
+    caplog.clear()
+    strong = gkd_trainer(tmp_path / "strong", one_iteration_teacher, *weights)
+    strong.model.teacher.model.forward = oracle("gkd_scenes_tiny_val")
+    with teacher_check_log(caplog, monkeypatch):
+        strong.train()
+    assert strong.storage.histories()["gkd/student_start_ap"].latest() == student_ap
+    assert "the student as loaded" in caplog.text and "is not better" not in caplog.text
+    # no MODEL.WEIGHTS: no student score
+    plain = gkd_trainer(tmp_path / "plain", one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "0")
+    plain.train()
+    assert "gkd/student_start_ap" not in plain.storage.histories()
+
+
+def nothing(batched_inputs):
+    """A detector that detects nothing (its outputs' fields present, empty)."""
+    outputs = []
+    for x in batched_inputs:
+        inst = Instances((x["height"], x["width"]))
+        inst.pred_boxes = Boxes(torch.zeros(0, 4))
+        inst.scores = torch.zeros(0)
+        inst.pred_classes = torch.zeros(0, dtype=torch.long)
+        outputs.append({"instances": inst})
+    return outputs
+
+
 def oracle(dataset_name):
     """A detector that outputs the ground truth of each image (score 1): AP 100."""
     by_id = {d["image_id"]: d for d in DatasetCatalog.get(dataset_name)}
@@ -107,16 +185,6 @@ def test_a_teacher_that_detects_nothing_scores_0_not_nan(
     tmp_path, one_iteration_teacher, caplog, monkeypatch
 ):
     trainer = gkd_trainer(tmp_path, one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "1.0")
-
-    def nothing(batched_inputs):
-        outputs = []
-        for x in batched_inputs:
-            inst = Instances((x["height"], x["width"]))  # no detection, the fields still there
-            inst.pred_boxes = Boxes(torch.zeros(0, 4))
-            inst.scores = torch.zeros(0)
-            inst.pred_classes = torch.zeros(0, dtype=torch.long)
-            outputs.append({"instances": inst})
-        return outputs
 
     trainer.model.teacher.model.forward = nothing
     with pytest.raises(TeacherCheckError) as e, teacher_check_log(caplog, monkeypatch):
