@@ -318,6 +318,62 @@ def test_check_finite_losses_names_every_bad_term():
         check_finite_losses(bad, 7)
 
 
+def test_a_dominating_distillation_names_the_kd_weights_first():
+    """When the distillation terms are most of the loss (or themselves not finite), the error
+    names the KD weights with their values and clipping; otherwise it does not."""
+    weights = {"MODEL.GKD.FG_WEIGHT": 1.0, "MODEL.GKD.BG_WEIGHT": 4.0, "MODEL.GKD.SOFT_WEIGHT": 1.0}
+    kd_heavy = {
+        "loss_cls": torch.tensor(1.0),
+        "loss_box_reg": torch.tensor(float("nan")),
+        "loss_gkd_fg": torch.tensor(1.2e5),
+        "loss_gkd_bg": torch.tensor(2.0e5),
+    }
+    advice = (
+        r"The distillation terms \(loss_gkd_\*\) were 100% of the loss of this iteration's finite "
+        r"terms: .*Lower MODEL\.GKD\.FG_WEIGHT / MODEL\.GKD\.BG_WEIGHT / MODEL\.GKD\.SOFT_WEIGHT "
+        r"\(now 1 / 4 / 1\), e\.g\. tenfold, or set SOLVER\.CLIP_GRADIENTS\.ENABLED True"
+    )
+    with pytest.raises(NonFiniteLossError, match=advice):
+        check_finite_losses(kd_heavy, 4, kd_weights=weights)
+    # the share logged at the last iteration is the one named
+    with pytest.raises(NonFiniteLossError, match=r"were 97% of the loss at the last logged"):
+        check_finite_losses(kd_heavy, 4, kd_share=0.97, kd_weights=weights)
+    # a distillation term itself not finite
+    kd_nan = {"loss_cls": torch.tensor(5.0), "loss_gkd_soft": torch.tensor(float("inf"))}
+    with pytest.raises(NonFiniteLossError, match=r"were 0% of the loss .*Lower MODEL\.GKD"):
+        check_finite_losses(kd_nan, 4, kd_weights=weights)
+    # detection terms dominate: the usual advice only
+    light = {"loss_cls": torch.tensor(float("nan")), "loss_box_reg": torch.tensor(3.0)}
+    light["loss_gkd_fg"] = torch.tensor(0.5)
+    with pytest.raises(NonFiniteLossError) as e:
+        check_finite_losses(light, 4, kd_share=0.2, kd_weights=weights)
+    assert "FG_WEIGHT" not in str(e.value) and "lower SOLVER.BASE_LR" in str(e.value)
+
+
+def test_a_run_whose_distillation_explodes_stops_naming_the_kd_weights(tmp_path, teacher_weights):
+    """A GKD run with a feature weight that overflows the loss stops before the backward pass,
+    and its error names the weights, with this run's values, before the learning rate."""
+    cfg = gkd_cfg(
+        "retinanet",
+        tmp_path,
+        teacher_weights["retinanet"],
+        "MODEL.GKD.FG_WEIGHT",
+        "1e38",
+        "MODEL.GKD.BG_WEIGHT",
+        "1e38",
+        "SOLVER.MAX_ITER",
+        "2",
+        *NO_TEST,
+    )
+    trainer = Trainer(cfg)
+    with pytest.raises(NonFiniteLossError) as e:
+        trainer.train()
+    message = str(e.value)
+    assert "loss_gkd_" in message.split("(finite:")[0]
+    assert "(now 1e+38 / 1e+38 / 1)" in message
+    assert message.index("FG_WEIGHT") < message.index("lower SOLVER.BASE_LR")
+
+
 # 9. truncated or corrupt checkpoints; weights-only loading ---------------------------------
 
 

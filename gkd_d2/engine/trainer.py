@@ -39,13 +39,56 @@ class NonFiniteLossError(FloatingPointError):
     """A training loss term became NaN or infinite (FloatingPointError, as detectron2 raises)."""
 
 
+# the distillation terms' share of the loss from which the non-finite-loss error puts the KD
+# weights first: a lower learning rate alone did not stop such a run from going NaN (measured:
+# a weak teacher, loss_gkd_fg 1.2e5 and loss_gkd_bg 2.0e5; gradient clipping let it finish)
+KD_DOMINATES = 0.5
+
+
+def distillation_advice(
+    terms: Mapping[str, float], kd_share: float | None, kd_weights: Mapping[str, float]
+) -> str:
+    """What to turn when the distillation terms (``loss_gkd_*``) are most of the loss: the KD
+    weights (named with their values) and gradient clipping; "" when they are not.
+
+    Args:
+        terms: the iteration's loss terms (NaN/Inf included).
+        kd_share: ``gkd/loss_share_kd`` at the last iteration that logged it, or None; then
+            the share of this iteration's finite terms is used.
+        kd_weights: ``{"MODEL.GKD.FG_WEIGHT": 1.0, ...}``.
+    """
+    kd = {k: v for k, v in terms.items() if k.startswith("loss_gkd")}
+    if not kd:
+        return ""
+    finite = {k: v for k, v in terms.items() if math.isfinite(v)}
+    where = "at the last logged iteration (gkd/loss_share_kd)"
+    if kd_share is None:
+        total = sum(finite.values())
+        kd_share = sum(v for k, v in finite.items() if k in kd) / total if total else None
+        where = "of this iteration's finite terms"
+    kd_broken = any(not math.isfinite(v) for v in kd.values())
+    if not kd_broken and (kd_share is None or kd_share < KD_DOMINATES):
+        return ""
+    share = f"{kd_share:.0%} of the loss {where}" if kd_share is not None else "not finite"
+    weights = " / ".join(kd_weights) + " (now " + " / ".join(f"{v:g}" for v in kd_weights.values())
+    return (
+        f"The distillation terms (loss_gkd_*) were {share}: when they dominate, lowering "
+        f"SOLVER.BASE_LR alone may not help. Lower {weights}), e.g. tenfold, or set "
+        "SOLVER.CLIP_GRADIENTS.ENABLED True; gkd/loss_share_* in metrics.json show each "
+        "term's share. A weak teacher (gkd/teacher_ap) makes large distillation terms too. "
+    )
+
+
 def check_finite_losses(
     loss_dict: Mapping[str, torch.Tensor],
     iteration: int | None,
     last_checkpoint: str | Callable[[], str] = "",
+    kd_share: float | None = None,
+    kd_weights: Mapping[str, float] | None = None,
 ) -> None:
     """Raise :class:`NonFiniteLossError` naming each NaN/Inf term of ``loss_dict``, the
-    iteration and the last checkpoint (a path, or a function called only on failure).
+    iteration and the last checkpoint (a path, or a function called only on failure); when
+    the distillation terms dominate, the KD weights to turn first (:func:`distillation_advice`).
 
     When all is well this costs one ``isfinite`` over the stacked terms and one device sync
     (detectron2's metrics writer syncs on every term each step anyway).
@@ -70,7 +113,8 @@ def check_finite_losses(
     raise NonFiniteLossError(
         f"Loss is not finite at {where}: {bad} (finite: {good or 'none'}). Training stopped "
         f"before the backward pass, so the weights are those of the previous iteration. {saved} "
-        "Usual causes: a learning rate too high for the batch (lower SOLVER.BASE_LR, lengthen "
+        + distillation_advice(terms, kd_share, kd_weights or {})
+        + "Usual causes: a learning rate too high for the batch (lower SOLVER.BASE_LR, lengthen "
         "SOLVER.WARMUP_ITERS, or set SOLVER.CLIP_GRADIENTS.ENABLED True), or degenerate boxes "
         "in the annotations."
     )
@@ -80,17 +124,31 @@ class _FiniteLossHook:
     """Forward hook on the detector: checks its training loss dict before the backward pass
     (detectron2 0.6 checks only the summed loss, after backward, on the main process)."""
 
-    def __init__(self, checkpointer: GKDCheckpointer):
+    def __init__(self, checkpointer: GKDCheckpointer, cfg: CfgNode):
         self.checkpointer = checkpointer
+        gkd = cfg.MODEL.get("GKD")
+        self.kd_weights = (
+            {f"MODEL.GKD.{k}": getattr(gkd, k) for k in ("FG_WEIGHT", "BG_WEIGHT", "SOFT_WEIGHT")}
+            if gkd is not None
+            else {}
+        )
 
     def __call__(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if not module.training or not isinstance(output, Mapping):
             return
         try:
-            iteration = get_event_storage().iter
+            storage = get_event_storage()
         except AssertionError:  # called outside an EventStorage
-            iteration = None
-        check_finite_losses(output, iteration, self._last_checkpoint)
+            storage = None
+        iteration = storage.iter if storage is not None else None
+        check_finite_losses(
+            output, iteration, self._last_checkpoint, self._kd_share(storage), self.kd_weights
+        )
+
+    @staticmethod
+    def _kd_share(storage) -> float | None:
+        history = storage.histories().get("gkd/loss_share_kd") if storage is not None else None
+        return history.latest() if history is not None else None
 
     def _last_checkpoint(self) -> str:
         ckpt = self.checkpointer
@@ -212,7 +270,9 @@ class Trainer(DefaultTrainer):
         del self.build_train_loader
         model = unwrap_ddp(self.model)
         # a NaN/Inf loss term stops training before its backward pass, named with the iteration
-        self.finite_loss_check = model.register_forward_hook(_FiniteLossHook(self.checkpointer))
+        self.finite_loss_check = model.register_forward_hook(
+            _FiniteLossHook(self.checkpointer, cfg)
+        )
         if isinstance(model, DistilledDetector):
             # the teacher now, not at the first step: a bad teacher fails when the trainer is built
             model.require_teacher()
