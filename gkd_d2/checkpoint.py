@@ -25,6 +25,11 @@ _TRUST_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
 CHECKPOINT_SUFFIXES = (".pth", ".pkl", ".pyth")
+# .pth files that a run writes and that are not model checkpoints: detectron2's COCO evaluator's
+# predictions and proposals, gkd_d2's teacher feature cache
+NOT_CHECKPOINTS = frozenset(
+    ("instances_predictions.pth", "box_proposals.pth", "gkd_teacher_features.pth")
+)
 # how far below the nearest existing folder to look for checkpoints, and how many to name
 _NEARBY_DEPTH, _NEARBY_LISTED, _NEARBY_SCANNED = 3, 8, 5000
 
@@ -53,7 +58,7 @@ def nearby_checkpoints(path: str) -> tuple[str, list[str]]:
             dirs[:] = []
         for f in files:
             scanned += 1
-            if f.endswith(CHECKPOINT_SUFFIXES):
+            if f.endswith(CHECKPOINT_SUFFIXES) and f not in NOT_CHECKPOINTS:
                 found.append(os.path.join(root, f))
         if scanned > _NEARBY_SCANNED:
             break

@@ -658,6 +658,20 @@ def test_a_missing_folder_lists_the_checkpoints_under_the_nearest_existing_one(c
     assert f"under '{checkpoint_tree}'" in str(e.value)
 
 
+def test_files_a_run_writes_that_are_not_checkpoints_are_not_suggested(checkpoint_tree):
+    """The evaluator's predictions and the teacher cache are .pth files, not checkpoints."""
+    run = checkpoint_tree / "run_a"
+    (run / "inference").mkdir()
+    for name in ("inference/instances_predictions.pth", "gkd_teacher_features.pth"):
+        torch.save({}, run / name)
+    with pytest.raises(CheckpointLoadError) as e:
+        read_pth(str(run / "model_0009999.pth"))
+    assert_missing(str(e.value), run / "model_0009999.pth", [run / "model_final.pth"])
+    assert "instances_predictions" not in str(e.value) and "gkd_teacher_features" not in str(
+        e.value
+    )
+
+
 def test_a_directory_or_an_empty_neighbourhood_is_said_so(checkpoint_tree, tmp_path):
     with pytest.raises(CheckpointLoadError, match=r"run_a' is a directory, not a checkpoint"):
         read_pth(str(checkpoint_tree / "run_a"))

@@ -564,3 +564,26 @@ def test_prototype_refresh_refuses_unknown_refresh_mode(tmp_path):
     hook = PrototypeRefresh(cfg)
     assert hook.mode == "bank" and hook.harvest is None
     assert str(hook.teacher_cache.path) == os.path.join(str(tmp_path), FILE_NAME)
+
+
+def test_a_class_without_sampled_instances_is_named_in_the_refresh_warning(caplog, monkeypatch):
+    """The warning names such a class by its name and index, and the key that filtered it."""
+    from gkd_d2.engine.refresh_report import RefreshRecord, log_refresh
+
+    record = RefreshRecord(
+        iteration=0,
+        mode="full",
+        instances={"cls": torch.tensor([0, 0, 2])},
+        picked=[[torch.tensor([0])], [], [torch.tensor([2])]],
+        counts={"student_images": 2, "teacher_images": 2},
+        seconds=0.5,
+        harvesting=False,
+        num_images=2,
+    )
+    monkeypatch.setattr(logging.getLogger("gkd_d2"), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="gkd_d2.engine.refresh_report"):
+        log_refresh(record, 30, ["circle", "square", "ring"])
+    assert "PGM: classes square (1) have no instance larger than 30 px (MODEL.GKD.MIN_BOX_SIZE" in (
+        caplog.text
+    )
+    assert "circle" not in caplog.text and "ring" not in caplog.text

@@ -164,7 +164,11 @@ class PrototypeRefresh(HookBase):
         if self.harvest is not None:
             self.harvest.reset(iteration)
         record = self._record(iteration, time.perf_counter() - start, picked, len(images))
-        log_refresh(record, self.cfg.MODEL.GKD.MIN_BOX_SIZE)
+        log_refresh(
+            record,
+            self.cfg.MODEL.GKD.MIN_BOX_SIZE,
+            metric_class_names(self.cfg, len(record.picked)),
+        )
         self._put_scalars(record)
 
     # ---- the refresh's steps -------------------------------------------------------------------

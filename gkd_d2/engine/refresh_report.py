@@ -49,15 +49,17 @@ class RefreshRecord:
     num_images: int = 0  # images holding the sample
 
 
-def log_refresh(record: RefreshRecord, min_box_size: float) -> None:
-    """Log a refresh that picked prototypes, naming the classes without any sampled instance
-    (their instances get r = 1)."""
+def log_refresh(record: RefreshRecord, min_box_size: float, class_names: list[str]) -> None:
+    """Log a refresh that picked prototypes, naming (``class_names``, per class) the classes
+    without any sampled instance (their instances get r = 1)."""
     inst, counts = record.instances, record.counts
     empty = [c for c in range(len(record.picked)) if not bool((inst["cls"] == c).any())]
     if empty:
+        named = ", ".join(f"{class_names[c]} ({c})" for c in empty)
         logger.warning(
-            f"PGM: classes {empty} have no instance larger than {min_box_size} px: no "
-            "prototypes, their instances get r = 1 (unweighted knowledge)"
+            f"PGM: classes {named} have no instance larger than {min_box_size} px "
+            "(MODEL.GKD.MIN_BOX_SIZE, in original pixels): no prototypes, their instances get "
+            "r = 1 (unweighted knowledge)"
         )
     logger.info(
         f"PGM refresh at iteration {record.iteration} ({record.mode}): {len(inst['cls'])} "
