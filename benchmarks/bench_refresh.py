@@ -141,6 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         help="write the config's builtin COCO/VOC splits to a temporary DETECTRON2_DATASETS",
     )
     parser.add_argument(
+        "--stand-in-images",
+        type=int,
+        default=4,
+        help="training images of the stand-in data (COCO sizes)",
+    )
+    parser.add_argument("--stand-in-per-image", type=int, default=20, help="objects per image")
+    parser.add_argument(
+        "--stand-in-classes",
+        type=int,
+        default=0,
+        help="COCO stand-in objects of the first N classes only (0: all): more instances per "
+        "class, so that a bank refresh's picks hold fewer images than the sample",
+    )
+    parser.add_argument(
         "--coco-projection",
         action="store_true",
         help="project the refresh's share of one COCO epoch on 8 GPUs",
@@ -185,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     if ns.stand_in_data:  # and random weights with calibrated FrozenBN (as tools/rehearse.py)
         from tools.rehearsal import write_builtin_splits, write_stand_in_weights
 
-        write_builtin_splits(list(probe.DATASETS.TRAIN), list(probe.DATASETS.TEST), 4, 2, 20)
+        write_builtin_splits(
+            list(probe.DATASETS.TRAIN),
+            list(probe.DATASETS.TEST),
+            ns.stand_in_images,
+            2,
+            ns.stand_in_per_image,
+            used_classes=ns.stand_in_classes,
+        )
         student_w, teacher_w, _ = write_stand_in_weights(probe, tmp / "weights")
         weights = str(teacher_w)
         opts += ["MODEL.WEIGHTS", str(student_w)]
@@ -305,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             bank["harvest_call_share_of_step"] = round(call / bank_step, 5)
         bank["second_refresh_s"] = round(timed_refresh(bank_hook, period), 3)
         bank.update({f"second_{k}": v for k, v in bank_hook.last_counts.items()})
+        # the images of the picks: what the bank refresh re-extracts (plus unplaced images)
+        picked = model.distiller.proto_index
+        bank["second_picked_images"] = len(set(inst["image"][picked[picked >= 0]].tolist()))
         bank["second_harvested_share"] = round(
             bank_hook.last_counts["harvested"] / max(1, len(inst["cls"])), 4
         )

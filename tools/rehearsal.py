@@ -90,15 +90,18 @@ def write_coco_split(
     seed: int,
     every_class: bool = True,
     prefix: str = "rehearsal",
+    used_classes: int = 0,
 ) -> int:
     """Write a COCO instances json and its images; return the number of instances.
 
     Args:
         categories: COCO ``categories`` entries (``id``, ``name``), in contiguous order; the ids
             are written as they are (COCO's are 1..90 with gaps).
+        used_classes: objects only of the first N categories (0: all); all are listed.
     """
     images, annotations = [], []
-    layout = _layout(num_images, len(categories), per_image, seed, every_class)
+    drawn = min(used_classes, len(categories)) if used_classes else len(categories)
+    layout = _layout(num_images, drawn, per_image, seed, every_class)
     for i, (size, boxes, classes, rng) in enumerate(layout):
         name = f"{prefix}_{seed:03d}_{i:06d}.jpg"
         _draw(Path(image_root) / name, rng, size, boxes, classes)
@@ -172,10 +175,13 @@ def write_builtin_splits(
     train_images: int,
     test_images: int,
     per_image: int,
+    used_classes: int = 0,
 ) -> dict[str, dict]:
     """Write tiny versions of detectron2 builtin splits, where their metadata says (under
     ``DETECTRON2_DATASETS``, read when detectron2 was imported). Every class appears in the
-    training splits taken together; ``train_images`` are shared out over them.
+    training splits taken together; ``train_images`` are shared out over them. With
+    ``used_classes`` N (COCO splits), the objects are only of the first N classes (a sample
+    with many instances per class at few images).
 
     Returns:
         {dataset name: {"images": n, "instances": n, "path": where}}.
@@ -198,7 +204,14 @@ def write_builtin_splits(
             ids = meta.thing_dataset_id_to_contiguous_id
             cats = [{"id": i, "name": meta.thing_classes[ids[i]]} for i in sorted(ids, key=ids.get)]
             count = write_coco_split(
-                meta.json_file, meta.image_root, cats, n, per_image, seed, every_class=is_train
+                meta.json_file,
+                meta.image_root,
+                cats,
+                n,
+                per_image,
+                seed,
+                every_class=is_train,
+                used_classes=used_classes,
             )
             written[name] = {"images": n, "instances": count, "path": meta.json_file}
         elif name.startswith("voc_") and hasattr(meta, "dirname"):
