@@ -38,7 +38,9 @@ def add_gkd_config(cfg: CN) -> CN:
     # CHECK_IMAGES images drawn with a fixed seed from DATASETS.TEST[0] (DATASETS.TRAIN[0] when
     # there is no test set) is logged as gkd/teacher_ap; training stops before iteration 0 when
     # it is below MIN_AP (COCO AP in percent, 0 = no floor; CHECK_IMAGES 0 = no check). The
-    # default floor catches a teacher that is useless at inference (AP 0).
+    # default floor catches a teacher that is useless at inference (AP 0). With MODEL.WEIGHTS
+    # set, the student as loaded is scored on the same images (gkd/student_start_ap) and a
+    # teacher that is not better than it is warned about.
     t.CHECK_IMAGES = 50
     t.MIN_AP = 1.0
 
