@@ -96,6 +96,12 @@ def test_own_dataset_recipe_runs_as_printed(tmp_path, monkeypatch):
     source = detectron2_source_with_exporter(tmp_path / "detectron2")
     if source is None:
         pytest.skip("no detectron2 source snapshot of the installed build for its exporter")
+    try:
+        import detectron2.export  # noqa: F401
+    except ModuleNotFoundError as e:
+        # detectron2 0.6's export package imports caffe2, which torch 2 no longer ships
+        assert e.name == "caffe2", e
+        pytest.skip("detectron2's exporter needs caffe2 here (v0.6): TorchScript needs main")
     proc = subprocess.run(
         ["bash", "-c", "set -euo pipefail\n" + exporter],
         cwd=work,
