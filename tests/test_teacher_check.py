@@ -121,7 +121,11 @@ def test_a_student_start_no_worse_than_the_teacher_is_warned_about(
     with teacher_check_log(caplog, monkeypatch):
         strong.train()
     assert strong.storage.histories()["gkd/student_start_ap"].latest() == student_ap
-    assert "the student as loaded" in caplog.text and "is not better" not in caplog.text
+    assert (
+        "Student start: the student as loaded" in caplog.text and "is not better" not in caplog.text
+    )
+    # what tools/rehearse.py reads back is the teacher's line, not the student's
+    assert parse_teacher_check(caplog.text)["ap"] == pytest.approx(100.0)
     # no MODEL.WEIGHTS: no student score
     plain = gkd_trainer(tmp_path / "plain", one_iteration_teacher, "MODEL.TEACHER.MIN_AP", "0")
     plain.train()

@@ -225,7 +225,7 @@ class TeacherCheck(HookBase):
         ap, what = describe_ap(ap)
         self.trainer.storage.put_scalar("gkd/student_start_ap", ap, smoothing_hint=False)
         logger.info(
-            f"Teacher check: the student as loaded (MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS!r}) "
+            f"Student start: the student as loaded (MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS!r}) "
             f"scores {what} on the same {n} images of {source}"
         )
         if ap >= teacher_ap:
