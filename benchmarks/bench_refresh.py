@@ -58,9 +58,13 @@ temporary ``DETECTRON2_DATASETS`` (``tools/rehearsal.py``: 4 training images of 
 holding all classes, 800-px input as configured) and random-init student and teacher weights
 with calibrated FrozenBN. With 4 sampled images the bank mode's picks cover every image, so the
 bank's measured later refresh forwards as many images as the full one: at COCO scale only
-the projection shows the difference. ``--coco-projection`` turns the measured seconds per image
-of a refresh (both models, then the student only) and per training step at batch 2 (one
-GPU's share of batch 16) into the refresh's share of one COCO epoch on 8 GPUs, for
+the projection shows the difference, unless ``--stand-in-images`` / ``--stand-in-classes``
+give a sample with more instances per class than the picks (e.g. 24 images of 2 classes with
+``MODEL.GKD.NUM_PROTOTYPES 2``): ``bank`` ``second_picked_images`` then counts the picks'
+images, and ``second_student_images`` what the bank refresh re-extracted.
+``--coco-projection`` turns the measured seconds per image of a refresh (both models, then
+the student only) and per training step at batch 2 (one GPU's share of batch 16) into the
+refresh's share of one COCO epoch on 8 GPUs, for
 ``MAX_IMAGES_PER_CLASS`` 800 (the paper's) and fewer, with the memory of the cached teacher
 features, of the harvest and of one (class, level) selection. Assumptions:
 
@@ -75,10 +79,12 @@ features, of the harvest and of one (class, level) selection. Assumptions:
   ``80 x levels x s_per_selection x (m / 800) / 8`` (ideal balance; the measured ``selection``
   ratio says how close two processes get). The old figure, every rank running all selections,
   is kept as ``*_share_unsharded_selection``;
-* bank mode's later refresh: every sampled image is harvested within the period (one epoch of
-  the training sampler; no augmentation beyond resize and flip), so only the picks' images are
-  re-extracted: at most 80 classes x levels x NUM_PROTOTYPES distinct instances, hence at most
-  that many images (and at most the 80 x m sampled), shared evenly over 8 GPUs, x the measured
+* bank mode's later refresh: every sampled image is seen within the period (one epoch of
+  the training sampler; no augmentation beyond resize and flip), so the picks' images are
+  re-extracted (at most 80 classes x levels x NUM_PROTOTYPES distinct instances, hence at most
+  that many images, and at most the 80 x m sampled) and, unless BANK_HARVEST_FLIPPED, the
+  sampled images last seen flipped (half of them with RANDOM_FLIP; counted on top of the picks'
+  images: an upper bound), shared evenly over 8 GPUs, x the measured
   s/image of the full mode's later (student-only) refresh (with the config's
   DATALOADER.NUM_WORKERS), plus the sharded selections. Not counted: the
   merge (all-gather) of the harvest before the refresh and at checkpoints.
@@ -627,14 +633,19 @@ def coco_projection(result: dict, cfg) -> dict:
     # the harvest's per-step cost: its calls timed directly (the A/B step ratio is noisier)
     harvest_share = result.get("bank", {}).get("harvest_call_share_of_step")
     max_picks = COCO_CLASSES * levels * g.NUM_PROTOTYPES
+    flip_share = 0.5 if cfg.INPUT.RANDOM_FLIP != "none" and not g.BANK_HARVEST_FLIPPED else 0.0
     rows = []
     for m in (800, 400, 200, 100):
         per_gpu = COCO_CLASSES * m / COCO_GPUS  # upper bound: images shared by classes count once
         # N scales with m; the (class, level) problems are shared out over the ranks
         unsharded = COCO_CLASSES * levels * per_selection * (m / 800)
         select = unsharded / COCO_GPUS
-        # bank: only the picks' images, at most one per distinct picked instance
-        bank_per_gpu = min(max_picks, COCO_CLASSES * m) / COCO_GPUS
+        # bank: the picks' images, at most one per distinct picked instance, and, unless
+        # flipped inputs are harvested, the sampled images last seen flipped (half with
+        # RANDOM_FLIP): an upper bound
+        bank_per_gpu = min(
+            per_gpu, min(max_picks, COCO_CLASSES * m) / COCO_GPUS + flip_share * per_gpu
+        )
         bank_later = (bank_per_gpu * per_image_later + select) / epoch
         row = {
             "max_images_per_class": m,
@@ -663,6 +674,7 @@ def coco_projection(result: dict, cfg) -> dict:
         "selection_device": str(device),
         "epoch_s_per_gpu": round(epoch, 1),
         "bank_max_picked_instances": max_picks,
+        "bank_flipped_share_extracted": flip_share,
         "harvest_step_overhead_share": harvest_share,
         "shares": rows,
         "assumed_instances_at_800_images_per_class": instances,
