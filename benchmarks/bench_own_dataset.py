@@ -8,10 +8,10 @@ Its code blocks are read from README.md: the registration goes into a copy of tr
 160 px, 3 objects of 36-70 px each) is written to a work folder, and the commands run with the
 README's own small-run overrides (``SMALL``), each timed. The control arm is the distillation
 command as the recipe wrote it before (``before_distil``): the teacher rebuilt from the template
-(``configs/voc/retinanet_R_101_FPN.yaml`` with ``MODEL.TEACHER.OPTS`` giving only the number of
-classes) instead of its own run config, so that it is checked and extracted at the template's
-800 px while it was trained at 160 px. tests/test_own_dataset.py runs the same recipe with
-these helpers.
+(``configs/voc/retinanet_R_101_FPN.yaml`` with ``MODEL.TEACHER.OPTS`` giving the number of
+classes and the norm that the small run trained with) instead of its own run config, so that
+it is checked and extracted at the template's 800 px while it was trained at 160 px.
+tests/test_own_dataset.py runs the same recipe with these helpers.
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         .replace(
             "MODEL.TEACHER.CONFIG_FILE output/mine_teacher/config.yaml",
             "MODEL.TEACHER.CONFIG_FILE configs/voc/retinanet_R_101_FPN.yaml "
-            'MODEL.TEACHER.OPTS \'["MODEL.RETINANET.NUM_CLASSES", "5"]\'',
+            'MODEL.TEACHER.OPTS \'["MODEL.RETINANET.NUM_CLASSES", "5", '
+            '"MODEL.RESNETS.NORM", "BN"]\'',
         )
         .replace("output/mine_gkd", "output/mine_gkd_before")
     )
