@@ -79,11 +79,13 @@ def test_refresh_benchmark_compares_full_and_bank_modes(tmp_path, monkeypatch):
     assert positive(s["single_process_s"]) and positive(s["sharded_s"])
     assert positive(s["sharded_over_single"])
     # the projection: sharded selection, the unsharded figure kept, bank bounded by the picks
+    # and, flipped inputs not harvested (the default, with RANDOM_FLIP), half the sample
     p = r["coco_projection"]
     row = p["shares"][0]
     assert row["max_images_per_class"] == 800
     assert row["later_refresh_share"] < row["later_refresh_share_unsharded_selection"]
-    assert row["bank_images_per_gpu"] == 80 * r["levels"] * 3 / 8  # NUM_PROTOTYPES 3
+    assert p["bank_flipped_share_extracted"] == 0.5 and row["images_per_gpu"] == 8000
+    assert row["bank_images_per_gpu"] == 80 * r["levels"] * 3 / 8 + 4000  # NUM_PROTOTYPES 3
     assert 0 < row["bank_later_refresh_share"] < row["later_refresh_share"]
     assert "bank_later_refresh_share_plus_harvest" in row
     # the autocast comparison reports the difference put into its second arm: the same picks,
