@@ -206,13 +206,18 @@ def test_teacher_cache_is_reused_and_a_stale_or_corrupt_one_rebuilt(tmp_path, te
     assert counts[-1] == 0
 
 
-def test_bank_mode_resumes_mid_epoch_exactly(tmp_path, python, teachers):
+@pytest.mark.parametrize("harvest_flipped", [True, False])
+def test_bank_mode_resumes_mid_epoch_exactly(tmp_path, python, teachers, harvest_flipped):
     """8 iterations in one run == 4, a stop, then --resume for the other 4 (fresh processes),
     in bank mode with refreshes at 0 and 6: the checkpoint at iteration 3 holds the partial
-    harvest of iterations 0-3, the resumed run continues it and pays no teacher pass."""
+    harvest of iterations 0-3, the resumed run continues it and pays no teacher pass. With
+    flipped inputs harvested every iteration harvests; without (the default), an iteration
+    whose batch is all flipped harvests nothing."""
     opts = [
         "MODEL.TEACHER.WEIGHTS",
         teachers["retinanet"],
+        "MODEL.GKD.BANK_HARVEST_FLIPPED",
+        str(harvest_flipped),
         "MODEL.GKD.REFRESH_MODE",
         "bank",
         "MODEL.GKD.REFRESH_PERIOD",
@@ -232,7 +237,10 @@ def test_bank_mode_resumes_mid_epoch_exactly(tmp_path, python, teachers):
     mid = torch.load(split / "model_0000003.pth", weights_only=False)
     harvest = mid["trainer"]["hooks"]["PrototypeRefresh"]["harvest"]
     assert harvest["since"] == 0 and len(harvest["rows"]) > 0
-    assert set(harvest["iters"].tolist()) == {0, 1, 2, 3}
+    if harvest_flipped:
+        assert set(harvest["iters"].tolist()) == {0, 1, 2, 3}
+    else:
+        assert set(harvest["iters"].tolist()) <= {0, 1, 2, 3}
 
     a = torch.load(full / "model_final.pth", weights_only=False)
     b = torch.load(split / "model_final.pth", weights_only=False)
