@@ -59,13 +59,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from gkd_d2.checkpoint import CheckpointLoadError, GKDCheckpointer, read_pth
+from gkd_d2.engine.refresh_report import class_names
 
 # COCO's size classes (area in original pixels), the ones training logs r by
 from gkd_d2.modeling.distiller import SIZE_GROUPS
@@ -158,16 +159,6 @@ def load_bank_state(path: str) -> dict:
             f"'{'/'.join(HOOK_KEY)}'"
         )
     return out
-
-
-def class_names(cfg: CfgNode, num_classes: int) -> list[str]:
-    """``thing_classes`` of the first training set, else the class indices."""
-    names = None
-    if cfg.DATASETS.TRAIN:
-        names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
-    if names is None or len(names) != num_classes:
-        return [str(c) for c in range(num_classes)]
-    return [str(n) for n in names]
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:

@@ -39,7 +39,13 @@ from ..schedule import refresh_period, train_dataset_dicts
 from .feature_harvest import FeatureHarvest
 from .gkd_model import gkd_model_of
 from .refresh_extract import SampleExtraction, SampleFeatures, evaluating
-from .refresh_report import RefreshRecord, log_refresh, metric_class_names, refresh_scalars
+from .refresh_report import (
+    RefreshRecord,
+    class_names,
+    log_refresh,
+    metric_class_names,
+    refresh_scalars,
+)
 from .refresh_sample import configured_sample
 from .refresh_select import paired_teacher_rows, select_bank
 from .teacher_cache import FILE_NAME, TeacherFeatureCache
@@ -167,7 +173,7 @@ class PrototypeRefresh(HookBase):
         log_refresh(
             record,
             self.cfg.MODEL.GKD.MIN_BOX_SIZE,
-            metric_class_names(self.cfg, len(record.picked)),
+            class_names(self.cfg, len(record.picked)),
         )
         self._put_scalars(record)
 

@@ -23,15 +23,20 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 
-def metric_class_names(cfg: CfgNode, num_classes: int) -> list[str]:
-    """Metric-safe names of the training set's classes (``thing_classes``), else indices."""
+def class_names(cfg: CfgNode, num_classes: int) -> list[str]:
+    """``thing_classes`` of the first training set, else the class indices."""
     names = None
     if cfg.DATASETS.TRAIN:
         names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
     if names is None or len(names) != num_classes:
         return [str(c) for c in range(num_classes)]
-    # a "/" would nest the metric one level deeper in TensorBoard; spaces read badly in tags
-    return [re.sub(r"[\s/]+", "_", str(n)) for n in names]
+    return [str(n) for n in names]
+
+
+def metric_class_names(cfg: CfgNode, num_classes: int) -> list[str]:
+    """:func:`class_names`, metric-safe: a "/" would nest the metric one level deeper in
+    TensorBoard, and spaces read badly in tags."""
+    return [re.sub(r"[\s/]+", "_", n) for n in class_names(cfg, num_classes)]
 
 
 @dataclasses.dataclass
