@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -40,8 +41,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # the distillation terms' share of the loss from which the non-finite-loss error puts the KD
-# weights first: a lower learning rate alone did not stop such a run from going NaN (measured:
-# a weak teacher, loss_gkd_fg 1.2e5 and loss_gkd_bg 2.0e5; gradient clipping let it finish)
+# weights first: such a run can go NaN at a learning rate that suits the detector alone; a lower
+# rate let one such run train (the README's own-dataset smoke run) and not another, where
+# gradient clipping did
 KD_DOMINATES = 0.5
 
 
@@ -83,12 +85,13 @@ def check_finite_losses(
     loss_dict: Mapping[str, torch.Tensor],
     iteration: int | None,
     last_checkpoint: str | Callable[[], str] = "",
-    kd_share: float | None = None,
+    kd_share: float | None | Callable[[], float | None] = None,
     kd_weights: Mapping[str, float] | None = None,
 ) -> None:
     """Raise :class:`NonFiniteLossError` naming each NaN/Inf term of ``loss_dict``, the
     iteration and the last checkpoint (a path, or a function called only on failure); when
-    the distillation terms dominate, the KD weights to turn first (:func:`distillation_advice`).
+    the distillation terms dominate, the KD weights to turn first (:func:`distillation_advice`;
+    ``kd_share`` too may be a function called only on failure).
 
     When all is well this costs one ``isfinite`` over the stacked terms and one device sync
     (detectron2's metrics writer syncs on every term each step anyway).
@@ -100,6 +103,8 @@ def check_finite_losses(
         return
     if callable(last_checkpoint):
         last_checkpoint = last_checkpoint()
+    if callable(kd_share):
+        kd_share = kd_share()
     terms = dict(zip(loss_dict, values.tolist()))
     bad = ", ".join(f"{k} = {v}" for k, v in terms.items() if not math.isfinite(v))
     good = ", ".join(f"{k} = {v:.4g}" for k, v in terms.items() if math.isfinite(v))
@@ -142,11 +147,16 @@ class _FiniteLossHook:
             storage = None
         iteration = storage.iter if storage is not None else None
         check_finite_losses(
-            output, iteration, self._last_checkpoint, self._kd_share(storage), self.kd_weights
+            output,
+            iteration,
+            self._last_checkpoint,
+            functools.partial(self._kd_share, storage),
+            self.kd_weights,
         )
 
     @staticmethod
     def _kd_share(storage) -> float | None:
+        """``gkd/loss_share_kd`` at the last iteration that logged it, or None."""
         history = storage.histories().get("gkd/loss_share_kd") if storage is not None else None
         return history.latest() if history is not None else None
 
