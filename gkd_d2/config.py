@@ -159,38 +159,43 @@ def _closest_keys(key: str, keys: list[str]) -> list[str]:
     return difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
 
 
-def _integers_as_floats(cfg: CfgNode, loaded: dict, prefix: str = "") -> dict:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integers_as_floats(cfg: CfgNode | None, loaded: dict) -> dict:
     """``loaded`` (a config's nested dict) with an integer given for a float key of ``cfg``
     turned into that float (yacs refuses ``MIN_AP: 0`` for a float ``MIN_AP``)."""
     out = {}
     for k, v in loaded.items():
         current = cfg.get(k) if isinstance(cfg, CfgNode) else None
         if isinstance(v, dict):
-            v = _integers_as_floats(current, v, f"{prefix}{k}.")
-        elif isinstance(current, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = _integers_as_floats(current, v)
+        elif isinstance(current, float) and _is_int(v):
             v = float(v)
         out[k] = v
     return out
 
 
 def _float_overrides(cfg: CfgNode, opts: Sequence) -> list:
-    """``KEY VALUE`` overrides with an integer value for a float key written as a float."""
+    """``KEY VALUE`` overrides with an integer value (``"0"`` or ``0``) for a float key given
+    as that float."""
     import ast
 
     opts = list(opts)
     for i in range(0, len(opts) - 1, 2):
-        node: object = cfg
+        current: object = cfg
         for part in str(opts[i]).split("."):
-            node = node.get(part) if isinstance(node, CfgNode) else None
+            current = current.get(part) if isinstance(current, CfgNode) else None
+        if not isinstance(current, float):
+            continue
         value = opts[i + 1]
-        if isinstance(node, float) and isinstance(value, str):
+        if isinstance(value, str):
             try:
-                parsed = ast.literal_eval(value)
+                value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 continue
-            if isinstance(parsed, int) and not isinstance(parsed, bool):
-                opts[i + 1] = repr(float(parsed))
-        elif isinstance(node, float) and isinstance(value, int) and not isinstance(value, bool):
+        if _is_int(value):
             opts[i + 1] = float(value)
     return opts
 
@@ -304,8 +309,8 @@ def resolve_teacher_config_file(cfg: CfgNode, config_file: str) -> None:
     candidate = os.path.join(os.path.dirname(origin), name)
     if os.path.isfile(candidate):
         cfg.MODEL.TEACHER.CONFIG_FILE = os.path.abspath(candidate)
-    elif not os.path.isfile(name) and shipped_config(name):
-        cfg.MODEL.TEACHER.CONFIG_FILE = shipped_config(name)
+    elif not os.path.isfile(name):
+        cfg.MODEL.TEACHER.CONFIG_FILE = shipped_config(name) or name
 
 
 def load_config(config_file: str | None = None, opts: Sequence = ()) -> CfgNode:
